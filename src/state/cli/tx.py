@@ -1,0 +1,105 @@
+"""``state tx ...``: flags of arc-state 0.11.1 plus the July-2025 spellings as aliases."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
+    parser.add_argument(*names, action="store_true", default=False, help=help)
+
+
+def add_parser(commands) -> None:
+    tx = commands.add_parser("tx", help="State Transition model: train, predict, infer, preprocess")
+    sub = tx.add_subparsers(dest="subcommand", required=True, metavar="{train,predict,infer,preprocess_train,preprocess_infer}")
+    _add_train(sub)
+    _add_predict(sub)
+    _add_infer(sub)
+    _add_preprocess_train(sub)
+    _add_preprocess_infer(sub)
+
+
+def _add_train(sub) -> None:
+    # arc-state disables argparse help here: `--help` prints the composed Hydra config instead.
+    p = sub.add_parser(
+        "train",
+        add_help=False,
+        help="train a model: state tx train key=value ... (Hydra overrides)",
+        description="Train with Hydra overrides, e.g. `state tx train data.kwargs.toml_config_path=x.toml`.",
+    )
+    p.add_argument("hydra_overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key, group=choice")
+    p.add_argument("-h", "--help", action="store_true", help="print the composed default config and config groups")
+    p.set_defaults(handler="state.tx.cli_handlers:train")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="evaluate a trained run on its test split (cell-eval metrics)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
+                   help="run directory that holds config.yaml; results go under it")
+    p.add_argument("--toml", default=None, help="alternate TOML data config to evaluate on")
+    p.add_argument("--checkpoint", default="last.ckpt", help="checkpoint file name in <run>/checkpoints/")
+    p.add_argument("--test-time-finetune", "--test_time_finetune", dest="test_time_finetune", type=int, default=0,
+                   help="epochs of fine-tuning on control-only batches before predicting")
+    p.add_argument("--profile", default="full", choices=["full", "minimal", "de", "anndata", "vcc"],
+                   help="cell-eval metric profile")
+    _bool_flag(p, "--predict-only", "--predict_only", help="skip cell-eval metrics")
+    _bool_flag(p, "--skip-adatas", "--skip_adatas", help="do not write adata_pred.h5ad / adata_real.h5ad")
+    _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
+    _bool_flag(p, "--eval-train-data", "--eval_train_data", help="predict on the training split instead of test")
+    _bool_flag(p, "--pseudobulk", help="average predictions per (context, perturbation) before evaluation")
+    p.set_defaults(handler="state.tx.cli_handlers:predict")
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="simulate perturbations on the cells of an h5ad")
+    p.add_argument("--checkpoint", default=None, help="path to a .ckpt (default <model-dir>/checkpoints/final.ckpt)")
+    p.add_argument("--adata", required=True, help="input h5ad")
+    p.add_argument("--embed-key", "--embed_key", dest="embed_key", default=None,
+                   help="obsm key of the input features (default: .X)")
+    p.add_argument("--pert-col", "--pert_col", dest="pert_col", default="drugname_drugconc",
+                   help="obs column with perturbation labels")
+    p.add_argument("--output", default=None, help=".h5ad (default <input>_simulated.h5ad) or .npy")
+    p.add_argument("--model-dir", "--model_dir", dest="model_dir", required=True, help="run directory")
+    p.add_argument("--celltype-col", "--celltype_col", dest="celltype_col", default=None,
+                   help="obs column with cell types (default: auto-detect)")
+    p.add_argument("--celltypes", default=None, help="comma-separated cell types to keep")
+    p.add_argument("--batch-col", "--batch_col", dest="batch_col", default=None,
+                   help="obs batch column (only for models with a batch encoder)")
+    p.add_argument("--control-pert", "--control_pert", dest="control_pert", default=None, help="control label")
+    p.add_argument("--seed", type=int, default=42, help="RNG seed for control sampling")
+    p.add_argument("--max-set-len", "--max_set_len", dest="max_set_len", type=int, default=None,
+                   help="max cells per forward pass (default: the model's cell_set_len)")
+    _bool_flag(p, "--quiet", help="less printing")
+    p.add_argument("--tsv", default=None, help="TSV with columns perturbation,num_cells to simulate")
+    _bool_flag(p, "--all-perts", "--all_perts", help="simulate every perturbation the model knows")
+    p.add_argument("--virtual-cells-per-pert", "--virtual_cells_per_pert", dest="virtual_cells_per_pert",
+                   type=int, default=None, help="with --all-perts, cells per virtual perturbation")
+    p.add_argument("--min-cells", "--min_cells", dest="min_cells", type=int, default=None,
+                   help="pad each perturbation to at least N cells")
+    p.add_argument("--max-cells", "--max_cells", dest="max_cells", type=int, default=None,
+                   help="subsample perturbations above N cells")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                   help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
+    p.set_defaults(handler="state.tx.cli_handlers:infer")
+
+
+def _add_preprocess_train(sub) -> None:
+    p = sub.add_parser("preprocess_train", help="normalize, log1p and select HVGs for training")
+    p.add_argument("--adata", required=True, help="input h5ad with raw counts")
+    p.add_argument("--output", required=True, help="output h5ad")
+    p.add_argument("--num_hvgs", "--num-hvgs", dest="num_hvgs", type=int, required=True,
+                   help="number of highly variable genes (written to obsm['X_hvg'])")
+    _bool_flag(p, "--input-is-log1p", "--input_is_log1p",
+               help="X is already normalized and log1p-transformed: only select HVGs")
+    p.set_defaults(handler="state.tx.cli_handlers:preprocess_train")
+
+
+def _add_preprocess_infer(sub) -> None:
+    p = sub.add_parser("preprocess_infer", help="build a control template: perturbed cells get control expression")
+    p.add_argument("--adata", required=True, help="input h5ad")
+    p.add_argument("--output", required=True, help="output h5ad")
+    p.add_argument("--control_condition", "--control-condition", dest="control_condition", required=True,
+                   help="control label in --pert_col")
+    p.add_argument("--pert_col", "--pert-col", dest="pert_col", required=True, help="obs column with perturbations")
+    p.add_argument("--seed", type=int, default=42, help="RNG seed for control sampling")
+    p.set_defaults(handler="state.tx.cli_handlers:preprocess_infer")

@@ -1,0 +1,1 @@
+"""State Embedding (SE) model: fit, transform, query, preprocess, eval."""

@@ -1,0 +1,1 @@
+"""File I/O that never loses user data and never executes code from a file."""

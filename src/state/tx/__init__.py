@@ -1,0 +1,1 @@
+"""State Transition (ST) models: data, models, training, prediction and inference."""

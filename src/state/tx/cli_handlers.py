@@ -1,0 +1,59 @@
+"""Thin handlers for ``state tx ...``: turn argparse results into calls of pure functions.
+
+Each engine module is imported inside its handler so that ``state --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def train(args: argparse.Namespace) -> int:
+    from state.tx import config
+
+    if args.help:
+        print(config.train_help_text())
+        return 0
+    cfg = config.compose_tx_config(list(args.hydra_overrides))
+    from state.tx.train import train as run_train
+
+    result = run_train(cfg)
+    log.info("run directory: %s", result.run_dir)
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from state.tx.predict import predict_cli
+
+    return predict_cli(args)
+
+
+def infer(args: argparse.Namespace) -> int:
+    from state.tx.infer import infer_cli
+
+    return infer_cli(args)
+
+
+def preprocess_train(args: argparse.Namespace) -> int:
+    from state.tx.preprocess import preprocess_train as run
+
+    out = run(args.adata, args.output, num_hvgs=args.num_hvgs, input_is_log1p=args.input_is_log1p)
+    log.info("wrote %s", out)
+    return 0
+
+
+def preprocess_infer(args: argparse.Namespace) -> int:
+    from state.tx.preprocess import preprocess_infer as run
+
+    out = run(
+        args.adata,
+        args.output,
+        control_condition=args.control_condition,
+        pert_col=args.pert_col,
+        seed=args.seed,
+    )
+    log.info("wrote %s", out)
+    return 0
