@@ -1,0 +1,1 @@
+"""Small synthetic perturbation data sets for tests, examples and benchmarks."""

@@ -1,0 +1,182 @@
+"""Glue for ``state tx infer``: load the run and the input, edit, simulate, write the output."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
+from state.tx import infer_edits
+from state.tx.infer import (
+    BATCH_CANDIDATES,
+    CELLTYPE_CANDIDATES,
+    CLIP_MAX,
+    default_output_path,
+    detect_column,
+    feature_reader,
+    plan_windows,
+    simulate,
+)
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+def _read_input(path: str | Path) -> ad.AnnData:
+    from state.io.anndata_checks import read_h5ad_checked
+
+    return read_h5ad_checked(path)
+
+
+def resolve_control(control_pert: str | None, run_control: str | None, pert_col: str) -> str:
+    if control_pert is not None:
+        return str(control_pert)
+    if run_control:
+        return str(run_control)
+    return "[('DMSO_TF', 0.0, 'uM')]" if pert_col == "drugname_drugconc" else "non-targeting"
+
+
+def write_predictions(
+    adata: ad.AnnData,
+    preds: np.ndarray,
+    counts: np.ndarray | None,
+    *,
+    embed_key: str | None,
+    output_space: str,
+) -> ad.AnnData:
+    """Put predictions in the slots arc-state uses (tx_spec section 8, step 8)."""
+    clip = output_space in ("gene", "all")
+    latent = np.clip(preds, 0.0, CLIP_MAX) if clip else preds
+    if embed_key is None:
+        if latent.shape[1] == adata.n_vars:
+            adata.X = latent.astype(np.float32)
+        else:
+            log.info("prediction width %d != n_vars %d: writing obsm['X_state_pred']", latent.shape[1], adata.n_vars)
+            adata.obsm["X_state_pred"] = latent
+        return adata
+    if adata.obsm[embed_key].shape[1] == latent.shape[1]:
+        adata.obsm[embed_key] = latent
+    else:
+        adata.obsm[f"{embed_key}_pred"] = latent
+    store_counts = (embed_key != "X_hvg" and output_space == "gene") or output_space == "all"
+    if store_counts and counts is not None:
+        decoded = np.clip(counts, 0.0, CLIP_MAX).astype(np.float32)
+        if output_space == "gene":
+            adata.obsm["X_hvg"] = decoded
+        elif decoded.shape[1] == adata.n_vars:
+            adata.X = decoded
+        else:
+            adata.obsm["X_state_pred"] = decoded
+    return adata
+
+
+def run_infer(
+    *,
+    model_dir: str | Path,
+    adata_path: str | Path,
+    output: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    embed_key: str | None = None,
+    pert_col: str = "drugname_drugconc",
+    celltype_col: str | None = None,
+    celltypes: str | None = None,
+    batch_col: str | None = None,
+    control_pert: str | None = None,
+    seed: int = 42,
+    max_set_len: int | None = None,
+    quiet: bool = False,
+    tsv: str | Path | None = None,
+    all_perts: bool = False,
+    virtual_cells_per_pert: int | None = None,
+    min_cells: int | None = None,
+    max_cells: int | None = None,
+) -> Path:
+    from state.tx.predictor import load_predictor
+
+    output = Path(output) if output is not None else default_output_path(adata_path)
+    if output.suffix.lower() not in (".h5ad", ".npy"):
+        raise StateError(f"--output {output} must end in .h5ad or .npy")
+    if output.resolve() == Path(adata_path).resolve():
+        raise StateError(f"--output {output} is the input file", hint="choose a different output path")
+    ensure_parent_writable(output)
+    predictor = load_predictor(model_dir, checkpoint)
+    adata = _read_input(adata_path)
+    if pert_col not in adata.obs.columns:
+        raise StateError(
+            f"--pert-col '{pert_col}' is not an obs column of {adata_path} "
+            f"(columns: {', '.join(map(str, adata.obs.columns))})",
+            hint="pass --pert-col naming the perturbation column",
+        )
+    control = resolve_control(control_pert, predictor.control_pert, pert_col)
+    ct_col = detect_column(adata, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="--celltype-col")
+
+    if tsv is not None:
+        adata = infer_edits.pad_from_tsv(adata, infer_edits.read_tsv_requests(tsv), pert_col=pert_col,
+                                         control=control, seed=seed)
+    if celltypes:
+        adata = infer_edits.keep_celltypes(adata, celltypes, celltype_col=ct_col)
+    if all_perts:
+        adata = infer_edits.add_all_perts(adata, predictor.pert_names, pert_col=pert_col, control=control,
+                                          seed=seed, virtual_cells_per_pert=virtual_cells_per_pert)
+    if min_cells is not None:
+        adata = infer_edits.pad_min_cells(adata, min_cells, pert_col=pert_col, control=control, seed=seed)
+    if max_cells is not None:
+        adata = infer_edits.cap_max_cells(adata, max_cells, pert_col=pert_col, control=control, seed=seed)
+
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    if not (labels == control).any():
+        present = ", ".join(sorted(set(labels))[:8])
+        raise StateError(
+            f"control label '{control}' not found in obs['{pert_col}'] of {adata_path} (present: {present})",
+            hint="pass --control-pert with your data's control label",
+        )
+    groups = adata.obs[ct_col].astype(str).to_numpy() if ct_col else np.full(adata.n_obs, "all", dtype=object)
+    batch_index = None
+    if predictor.uses_batch:
+        b_col = detect_column(adata, batch_col, (predictor.batch_col, *BATCH_CANDIDATES), flag="--batch-col")
+        if b_col is None:
+            raise StateError("this model has a batch encoder but the input has no batch column",
+                             hint="pass --batch-col naming the obs column with batch labels")
+        batch_index = predictor.batch_indices(adata.obs[b_col].astype(str).to_numpy())
+
+    set_len = int(max_set_len or predictor.cell_set_len)
+    read, width = feature_reader(adata, embed_key)
+    predictor.check_input_width(width, embed_key=embed_key)
+    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
+    if unknown:
+        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
+                    ", ".join(unknown[:5]))
+    windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
+    if skipped:
+        log.warning("no control cells at all: rows of %s left unchanged", ", ".join(skipped))
+    result = simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
+                      batch_index=batch_index, cell_types=groups, quiet=quiet)
+
+    if output.suffix.lower() == ".npy":
+        main = result.preds
+        if predictor.output_space in ("gene", "all"):
+            main = np.clip(main, 0.0, CLIP_MAX)
+        with atomic_path(output) as tmp:
+            np.save(tmp, main.astype(np.float32))
+        return output
+    preds = _keep_unpredicted(result.preds, result.done, adata, embed_key)
+    adata = write_predictions(adata, preds, result.counts, embed_key=embed_key,
+                              output_space=predictor.output_space)
+    atomic_write_h5ad(adata, output)
+    return output
+
+
+def _keep_unpredicted(preds: np.ndarray, done: np.ndarray, adata: ad.AnnData, embed_key: str | None) -> np.ndarray:
+    """Rows that could not be simulated (no control anywhere) keep their input values."""
+    if done.all():
+        return preds
+    source = adata.obsm[embed_key] if embed_key else adata.X
+    if source.shape[1] != preds.shape[1]:
+        return np.nan_to_num(preds)
+    rows = np.flatnonzero(~done)
+    block = source[rows]
+    preds[rows] = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+    return preds

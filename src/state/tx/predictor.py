@@ -1,0 +1,139 @@
+"""A trained tx run, ready to predict sets of cells: the model plus its vocabularies.
+
+Used by ``infer`` (and the Python API). It reads our run directories and arc-state's alike,
+always through the restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SetPredictor:
+    module: Any  # a tx LightningModule in eval mode
+    pert_map: dict[str, np.ndarray]
+    batch_map: dict[str, np.ndarray] | None
+    control_pert: str | None
+    cell_type_key: str | None
+    batch_col: str | None
+    cell_set_len: int
+    output_space: str
+    input_dim: int | None
+    model_embed_key: str | None
+    _batch_lookup: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_map:
+            self._batch_lookup = {k: int(np.argmax(v)) for k, v in self.batch_map.items()}
+
+    @property
+    def pert_names(self) -> list[str]:
+        return list(self.pert_map)
+
+    @property
+    def uses_batch(self) -> bool:
+        return bool(getattr(self.module.hparams, "batch_encoder", False)) and getattr(
+            self.module, "batch_encoder", None
+        ) is not None
+
+    def batch_indices(self, labels: np.ndarray) -> np.ndarray:
+        unknown = sorted(set(labels) - set(self._batch_lookup))
+        if unknown:
+            log.warning("%d batch label(s) unknown to the model map to batch 0: %s", len(unknown),
+                        ", ".join(unknown[:5]))
+        return np.array([self._batch_lookup.get(lab, 0) for lab in labels], dtype=np.int64)
+
+    def pert_vector(self, name: str) -> np.ndarray:
+        vec = self.pert_map.get(name)
+        if vec is None:
+            vec = self.pert_map.get(str(self.control_pert)) if self.control_pert is not None else None
+        if vec is None:
+            vec = np.zeros(len(next(iter(self.pert_map.values()))), dtype=np.float32)
+            vec[0] = 1.0
+        return vec
+
+    def check_input_width(self, width: int, *, embed_key: str | None) -> None:
+        if self.input_dim is not None and width != self.input_dim:
+            source = f"obsm['{embed_key}']" if embed_key else ".X"
+            raise StateError(
+                f"input features {source} have {width} columns but the model expects {self.input_dim}",
+                hint=f"pass --embed-key {self.model_embed_key}" if self.model_embed_key and not embed_key
+                else "use the same features (genes / embedding) the model was trained on",
+            )
+
+    def predict_sets(self, *, ctrl, pert, batch, pert_names, own=None, cell_types=None):
+        """Predict B independent sets: ctrl/own [B,S,D], pert [B,S,P], batch [B,S] or None.
+
+        Returns (preds [B,S,O], decoded counts [B,S,G] or None).
+        """
+        fast = getattr(self.module, "predict_sets", None)
+        if fast is not None:
+            return fast(ctrl=ctrl, pert=pert, batch=batch, pert_names=pert_names)
+        preds, counts = [], []
+        for i in range(ctrl.shape[0]):
+            set_size = ctrl.shape[1]
+            item = {
+                "ctrl_cell_emb": torch.from_numpy(np.ascontiguousarray(ctrl[i])),
+                "pert_emb": torch.from_numpy(np.ascontiguousarray(pert[i], dtype=np.float32)),
+                "pert_name": [pert_names[i]] * set_size,
+            }
+            if own is not None:
+                item["pert_cell_emb"] = torch.from_numpy(np.ascontiguousarray(own[i]))
+            if cell_types is not None:
+                item["cell_type"] = [str(c) for c in cell_types[i]]
+            if batch is not None:
+                item["batch"] = torch.from_numpy(np.ascontiguousarray(batch[i]))
+            out = self.module.predict_step(item, 0, padded=False)
+            preds.append(out["preds"].float().cpu().numpy())
+            decoded = out.get("pert_cell_counts_preds")
+            counts.append(None if decoded is None else decoded.float().cpu().numpy())
+        stacked = np.stack(preds)
+        has_counts = all(c is not None for c in counts)
+        return stacked, (np.stack(counts) if has_counts else None)
+
+
+def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) -> SetPredictor:
+    """Load a run directory (ours or arc-state's) and a checkpoint for inference."""
+    from state.tx.models.registry import load_model_checkpoint
+    from state.tx.rundir import load_run_artifacts
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise StateError(f"--model-dir {model_dir} is not a folder", hint="pass the run directory written by train")
+    run = load_run_artifacts(model_dir)
+    ckpt = Path(checkpoint) if checkpoint else model_dir / "checkpoints" / "final.ckpt"
+    if not ckpt.is_file():
+        available = sorted(p.name for p in (model_dir / "checkpoints").glob("*.ckpt")) if (
+            model_dir / "checkpoints").is_dir() else []
+        raise StateError(
+            f"checkpoint not found: {ckpt}" + (f" (available: {', '.join(available)})" if available else ""),
+            hint="pass --checkpoint with the path to a .ckpt",
+        )
+    module = load_model_checkpoint(ckpt)
+    module.eval()
+    hp = module.hparams
+    data_kwargs = run.config.get("data", {}).get("kwargs", {}) if run.config else {}
+    cell_set_len = int(hp.get("cell_set_len") or run.config.get("model", {}).get("kwargs", {}).get("cell_set_len", 512))
+    return SetPredictor(
+        module=module,
+        pert_map={str(k): np.asarray(v, dtype=np.float32) for k, v in run.pert_map.items()},
+        batch_map={str(k): np.asarray(v, dtype=np.float32) for k, v in run.batch_map.items()} if run.batch_map else None,
+        control_pert=hp.get("control_pert") or data_kwargs.get("control_pert"),
+        cell_type_key=data_kwargs.get("cell_type_key"),
+        batch_col=data_kwargs.get("batch_col"),
+        cell_set_len=cell_set_len,
+        output_space=str(hp.get("output_space") or data_kwargs.get("output_space") or "gene"),
+        input_dim=int(hp["input_dim"]) if hp.get("input_dim") is not None else None,
+        model_embed_key=hp.get("embed_key") or data_kwargs.get("embed_key"),
+    )

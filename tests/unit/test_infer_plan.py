@@ -1,0 +1,152 @@
+"""The pure parts of `state tx infer`: window planning, basal sampling, input edits, output slots."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from state.tx import infer_edits
+from state.tx.infer import feature_reader, plan_windows
+from state.tx.infer_run import write_predictions
+from state.utils.errors import StateError
+
+
+def _labels_groups():
+    labels = np.array(["ctl", "A", "A", "ctl", "B", "A", "ctl", "A", "A", "B"])
+    groups = np.array(["x", "x", "x", "x", "x", "x", "y", "y", "y", "y"])
+    return labels, groups
+
+
+def test_windows_cover_every_row_once_in_file_order():
+    labels, groups = _labels_groups()
+    windows, skipped = plan_windows(labels, groups, control="ctl", set_len=2, seed=0)
+    assert skipped == []
+    rows = np.concatenate([w.rows for w in windows])
+    assert sorted(rows.tolist()) == list(range(labels.size))
+    for w in windows:
+        assert w.rows.size <= 2
+        assert np.all(np.diff(w.rows) > 0)
+        assert set(labels[w.rows]) == {w.pert}
+    # groups sorted, then perturbations sorted: x/A, x/B, x/ctl, y/A, y/B, y/ctl
+    order = [(w.group, w.pert) for w in windows]
+    assert order == sorted(order)
+
+
+def test_basal_cells_come_from_the_same_group_controls():
+    labels, groups = _labels_groups()
+    windows, _ = plan_windows(labels, groups, control="ctl", set_len=3, seed=1)
+    for w in windows:
+        assert np.all(labels[w.basal] == "ctl")
+        assert np.all(groups[w.basal] == w.group)
+
+
+def test_group_without_controls_falls_back_to_all_controls():
+    labels = np.array(["ctl", "A", "A"])
+    groups = np.array(["x", "y", "y"])
+    windows, skipped = plan_windows(labels, groups, control="ctl", set_len=4, seed=0)
+    assert skipped == []
+    y_window = next(w for w in windows if w.group == "y")
+    assert y_window.basal.tolist() == [0, 0]
+
+
+def test_no_control_anywhere_skips_rows():
+    labels = np.array(["A", "B"])
+    windows, skipped = plan_windows(labels, np.array(["x", "x"]), control="ctl", set_len=4, seed=0)
+    assert windows == [] and skipped == ["x"]
+
+
+def test_sampling_matches_one_shared_randomstate_stream():
+    labels, groups = _labels_groups()
+    windows, _ = plan_windows(labels, groups, control="ctl", set_len=2, seed=42)
+    rng = np.random.RandomState(42)
+    for w in windows:
+        pool = np.flatnonzero((groups == w.group) & (labels == "ctl"))
+        assert w.basal.tolist() == rng.choice(pool, size=w.rows.size, replace=True).tolist()
+
+
+def test_plan_is_deterministic_and_seed_dependent():
+    labels = np.array(["ctl"] * 20 + ["A"] * 30)
+    groups = np.array(["x"] * 50)
+    a, _ = plan_windows(labels, groups, control="ctl", set_len=8, seed=3)
+    b, _ = plan_windows(labels, groups, control="ctl", set_len=8, seed=3)
+    c, _ = plan_windows(labels, groups, control="ctl", set_len=8, seed=4)
+    assert all(np.array_equal(x.basal, y.basal) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(x.basal, y.basal) for x, y in zip(a, c, strict=True))
+
+
+def _adata(n=12, sparse=True):
+    rng = np.random.default_rng(0)
+    x = rng.poisson(1.0, size=(n, 5)).astype(np.float32)
+    obs = pd.DataFrame(
+        {"gene": pd.Categorical(["ctl"] * 6 + ["A"] * 4 + ["B"] * 2), "cell_type": pd.Categorical(["x"] * n)},
+        index=[f"c{i}" for i in range(n)],
+    )
+    a = ad.AnnData(X=sp.csr_matrix(x) if sparse else x, obs=obs)
+    a.obsm["X_emb"] = rng.normal(size=(n, 3)).astype(np.float32)
+    return a
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_feature_reader_handles_sparse_dense_and_obsm(sparse):
+    a = _adata(sparse=sparse)
+    read, width = feature_reader(a, None)
+    dense = a.X.toarray() if sparse else a.X
+    assert width == 5
+    np.testing.assert_array_equal(read(np.array([3, 3, 0])), dense[[3, 3, 0]])
+    read_emb, width_emb = feature_reader(a, "X_emb")
+    assert width_emb == 3
+    np.testing.assert_array_equal(read_emb(np.array([1])), a.obsm["X_emb"][[1]])
+    with pytest.raises(StateError, match="obsm\\['missing'\\]"):
+        feature_reader(a, "missing")
+
+
+def test_tsv_padding_appends_control_clones(tmp_path):
+    a = _adata()
+    tsv = tmp_path / "req.tsv"
+    tsv.write_text("perturbation\tnum_cells\nA\t3\nNEW\t2\n")
+    out = infer_edits.pad_from_tsv(a, infer_edits.read_tsv_requests(tsv), pert_col="gene", control="ctl", seed=0)
+    assert out.n_obs == a.n_obs + 5
+    new = out[a.n_obs :]
+    assert new.obs["gene"].astype(str).tolist() == ["A"] * 3 + ["NEW"] * 2
+    ctrl_rows = a.X[:6].toarray()
+    for row in new.X.toarray():
+        assert any(np.array_equal(row, c) for c in ctrl_rows)
+    assert a.n_obs == 12  # input untouched
+
+
+def test_tsv_with_wrong_columns_is_one_line_error(tmp_path):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("pert\tn\nA\t3\n")
+    with pytest.raises(StateError, match="lacks column"):
+        infer_edits.read_tsv_requests(tsv)
+
+
+def test_all_perts_min_and_max_cells():
+    a = _adata()
+    out = infer_edits.add_all_perts(a, ["A", "B", "C", "D"], pert_col="gene", control="ctl", seed=0,
+                                    virtual_cells_per_pert=4)
+    counts = out.obs["gene"].astype(str).value_counts()
+    assert counts["C"] == 4 and counts["D"] == 4 and counts["A"] == 4
+    assert any(n.endswith("__virt_C") for n in out.obs_names)
+    padded = infer_edits.pad_min_cells(a, 5, pert_col="gene", control="ctl", seed=0)
+    assert padded.obs["gene"].astype(str).value_counts()["B"] == 5
+    capped = infer_edits.cap_max_cells(a, 1, pert_col="gene", control="ctl", seed=0)
+    vc = capped.obs["gene"].astype(str).value_counts()
+    assert vc["A"] == 1 and vc["B"] == 1 and vc["ctl"] == 6
+
+
+def test_output_slots_follow_arc_state():
+    a = _adata()
+    preds = np.full((a.n_obs, 5), 20.0, dtype=np.float32)
+    out = write_predictions(a.copy(), preds, None, embed_key=None, output_space="gene")
+    assert np.asarray(out.X).max() == 14.0  # clipped to [0, 14]
+    emb_preds = np.full((a.n_obs, 3), -1.0, dtype=np.float32)
+    out = write_predictions(a.copy(), emb_preds, None, embed_key="X_emb", output_space="embedding")
+    assert out.obsm["X_emb"].min() == -1.0  # embeddings are not clipped
+    narrow = np.zeros((a.n_obs, 2), dtype=np.float32)
+    out = write_predictions(a.copy(), narrow, np.ones((a.n_obs, 7), np.float32), embed_key="X_emb",
+                            output_space="gene")
+    assert "X_emb_pred" in out.obsm and out.obsm["X_hvg"].shape == (a.n_obs, 7)
