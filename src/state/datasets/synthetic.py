@@ -105,7 +105,7 @@ def make_perturbation_adata(
     ``counts_per_gene`` sets the mean library size (``counts_per_gene * n_genes``) and so the sparsity;
     ``dispersion`` is the negative-binomial shape (smaller = noisier). Counts are drawn in chunks of
     ``chunk_cells`` cells so that large benchmark matrices never exist densely in memory.
-    ``uns['synthetic']`` records the seed and each perturbation's target gene.
+    ``uns['synthetic']`` records the seed and the knocked-down genes (= the perturbation names).
     """
     if n_perts >= n_genes:
         raise ValueError(f"n_perts ({n_perts}) must be smaller than n_genes ({n_genes})")
@@ -147,7 +147,7 @@ def make_perturbation_adata(
     )
     var = pd.DataFrame({"gene_name": genes}, index=pd.Index(genes))
     adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.uns["synthetic"] = {"seed": seed, "targets": dict(zip(pert_names, pert_names))}
+    adata.uns["synthetic"] = {"seed": seed, "knocked_down_genes": pert_names}
     return adata
 
 

@@ -1,0 +1,1 @@
+"""Plain ``torch.nn`` building blocks of the State Transition model (no Lightning imports)."""

@@ -1,0 +1,196 @@
+"""``state tx predict``: predict a run's test split and score it with cell-eval.
+
+Layout of the outputs follows arc-state 0.11.1 (tx_spec section 7) so downstream scripts keep
+working: ``<run>/eval_<checkpoint>/adata_pred.h5ad`` and ``adata_real.h5ad`` (one row per
+predicted cell, or per (context, perturbation) with ``--pseudobulk``), plus cell-eval's CSVs per
+cell type. Unlike arc-state, ``var`` carries gene names, the run directory may have been moved
+(paths stored inside it are only used when they still exist), and plots are written next to the
+CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from state.io.atomic import atomic_write_h5ad
+from state.tx.predict_collect import PredictionCollector, build_anndatas
+from state.utils.errors import StateError
+from state.utils.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictResult:
+    eval_dir: Path
+    n_cells: int
+    adata_paths: list[Path] = field(default_factory=list)
+    metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
+
+
+def resolve_run_dir(output_dir: Path, cfg: dict) -> Path:
+    """arc-state reopens ``cfg.output_dir/cfg.name``; when that is gone (run moved) use ``output_dir``."""
+    stored = Path(str(cfg.get("output_dir", ""))) / str(cfg.get("name", ""))
+    if (stored / "data_module.torch").is_file() and (stored / "checkpoints").is_dir():
+        return stored
+    return output_dir
+
+
+def load_run_config(output_dir: Path) -> dict:
+    path = output_dir / "config.yaml"
+    if not path.is_file():
+        raise StateError(f"{path} not found", hint="--output-dir must be a run directory written by `state tx train`")
+    with path.open() as fh:
+        cfg = yaml.safe_load(fh)
+    if not isinstance(cfg, dict) or "data" not in cfg or "model" not in cfg:
+        raise StateError(f"{path} is not a state run config (no data/model sections)")
+    return cfg
+
+
+def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
+    """Rebuild cell-load's data module from ``data_module.torch`` (read safely), relocating its TOML."""
+    from cell_load.data_modules import PerturbationDataModule
+
+    from state.io.safe_load import safe_torch_load
+    from state.tx.data import cap_num_workers
+
+    state = dict(safe_torch_load(run_dir / "data_module.torch", what="data module state"))
+    candidates = [toml, state.get("toml_config_path"), cfg["data"]["kwargs"].get("toml_config_path")]
+    chosen = next((c for c in candidates if c and Path(c).is_file()), None)
+    if chosen is None:
+        raise StateError(
+            f"the TOML split file of this run was not found (looked for: {', '.join(str(c) for c in candidates if c)})",
+            hint="pass --toml path/to/split.toml",
+        )
+    state["toml_config_path"] = str(Path(chosen).resolve())
+    state["num_workers"] = cap_num_workers(state.get("num_workers", 0))
+    state.setdefault("barcode", True)
+    module = PerturbationDataModule(**state)
+    module.setup()
+    return module
+
+
+def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
+    """arc-state's recipe: Adam lr 1e-5 on control-only sets, one set per step."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    steps = 0
+    for _ in range(epochs):
+        for idx, batch in enumerate(loader):
+            if batch["pert_name"][0] != control:
+                continue
+            optimizer.zero_grad()
+            loss = model.training_step(batch, idx, padded=False)
+            loss = loss["loss"] if isinstance(loss, dict) else loss
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    log.info("test-time fine-tuning: %d steps over %d epoch(s)", steps, epochs)
+    model.eval()
+
+
+def predict(
+    output_dir: str | Path,
+    *,
+    toml: str | None = None,
+    checkpoint: str = "last.ckpt",
+    test_time_finetune: int = 0,
+    profile: str = "full",
+    predict_only: bool = False,
+    skip_adatas: bool = False,
+    shared_only: bool = False,
+    eval_train_data: bool = False,
+    pseudobulk: bool = False,
+) -> PredictResult:
+    import lightning.pytorch as pl
+
+    from state.tx.models.registry import load_model_checkpoint
+
+    output_dir = Path(output_dir)
+    cfg = load_run_config(output_dir)
+    run_dir = resolve_run_dir(output_dir, cfg)
+    ckpt = run_dir / "checkpoints" / checkpoint
+    if not ckpt.is_file():
+        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+        raise StateError(f"checkpoint {ckpt} not found" + (f" (available: {', '.join(found)})" if found else ""),
+                         hint="pass --checkpoint with one of the available names")
+    data = load_datamodule(run_dir, cfg, toml=toml)
+    pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
+    model = load_model_checkpoint(ckpt)
+    model.eval()
+    control = str(data.get_control_pert())
+    data_kwargs = cfg["data"]["kwargs"]
+    loader = data.train_dataloader(test=True) if eval_train_data else data.test_dataloader()
+    if not loader:
+        raise StateError("this run's TOML has no test split to predict", hint="add a [zeroshot] or [fewshot] test entry, or pass --toml")
+    if test_time_finetune > 0:
+        _test_time_finetune(model, loader, epochs=test_time_finetune, control=control)
+
+    shared = data.get_shared_perturbations() if shared_only else None
+    collector = PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared)
+    total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
+    with torch.inference_mode():
+        for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
+            out = model.predict_step(batch, idx, padded=False)
+            collector.add(batch, out)
+    log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
+
+    tag = "eval_train_" if eval_train_data else "eval_"
+    eval_dir = output_dir / f"{tag}{Path(checkpoint).name}"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    var_dims = _load_var_dims(run_dir)
+    adata_pred, adata_real = build_anndatas(
+        collector,
+        pert_col=data_kwargs.get("pert_col", "gene"),
+        cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
+        batch_key=data_kwargs.get("batch_col") or "batch",
+        embed_key=data_kwargs.get("embed_key"),
+        output_space=data_kwargs.get("output_space", "gene"),
+        gene_names=var_dims.get("gene_names"),
+    )
+    result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
+    if not skip_adatas:
+        for name, adata in (("adata_pred.h5ad", adata_pred), ("adata_real.h5ad", adata_real)):
+            result.adata_paths.append(atomic_write_h5ad(adata, eval_dir / name))
+    if not predict_only:
+        from state.tx.predict_eval import evaluate_and_plot
+
+        result.metrics = evaluate_and_plot(
+            adata_pred, adata_real, outdir=eval_dir, control_pert=control,
+            pert_col=data_kwargs.get("pert_col", "gene"), cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
+            embed_key=data_kwargs.get("embed_key"), profile=profile,
+        )
+    return result
+
+
+def _load_var_dims(run_dir: Path) -> dict:
+    from state.io.safe_load import safe_pickle_load
+
+    path = run_dir / "var_dims.pkl"
+    return dict(safe_pickle_load(path, what="var_dims.pkl")) if path.is_file() else {}
+
+
+def predict_cli(args: argparse.Namespace) -> int:
+    result = predict(
+        args.output_dir,
+        toml=args.toml,
+        checkpoint=args.checkpoint,
+        test_time_finetune=args.test_time_finetune,
+        profile=args.profile,
+        predict_only=args.predict_only,
+        skip_adatas=args.skip_adatas,
+        shared_only=args.shared_only,
+        eval_train_data=args.eval_train_data,
+        pseudobulk=args.pseudobulk,
+    )
+    log.info("results in %s", result.eval_dir)
+    return 0
+
+
+__all__ = ["PredictResult", "predict", "predict_cli"]

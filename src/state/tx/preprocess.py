@@ -1,0 +1,211 @@
+"""``state tx preprocess_train`` and ``state tx preprocess_infer``.
+
+``preprocess_train`` turns raw counts into what training reads: scanpy ``normalize_total`` (median
+target) and ``log1p`` applied in place on X, Seurat-flavour highly variable genes, and a dense float32
+copy of the HVG columns in ``obsm['X_hvg']``. Memory stays close to one copy of the CSR matrix: the
+normalization works on X's own buffers, the HVG statistics are accumulated chunk by chunk (scanpy's
+``highly_variable_genes(flavor="seurat")`` would hold two extra copies of X), and only the HVG columns
+are ever made dense.
+
+``preprocess_infer`` builds a control template: every non-control cell gets the expression of a
+randomly drawn control cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from state.io import anndata_checks as checks
+from state.io.atomic import atomic_write_h5ad
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+_ROW_CHUNK = 8192
+_LOG1P_HINT = "pass --input-is-log1p if X is already normalized and log1p-transformed"
+
+
+def _rows(n: int, chunk: int = _ROW_CHUNK):
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+def _to_float32(X):
+    """CSR/dense X as float32 (integer or float64 storage is converted once; float32 is kept as is)."""
+    if sp.issparse(X):
+        if X.data.dtype != np.float32:
+            X.data = X.data.astype(np.float32)
+        return X
+    return X if X.dtype == np.float32 else X.astype(np.float32)
+
+
+def _expm1_mean_var(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance of ``expm1(X)``, as scanpy's Seurat flavour computes them
+    (float32 values, float64 accumulators), without materializing ``expm1(X)``."""
+    n_cells, n_genes = X.shape
+    sums = np.zeros(n_genes)
+    squares = np.zeros(n_genes)
+    if sp.issparse(X):
+        for part in range(0, X.nnz, 1 << 22):
+            values = np.expm1(X.data[part : part + (1 << 22)])
+            cols = X.indices[part : part + (1 << 22)]
+            sums += np.bincount(cols, weights=values, minlength=n_genes)
+            squares += np.bincount(cols, weights=values * values, minlength=n_genes)
+    else:
+        for rows in _rows(n_cells):
+            values = np.expm1(X[rows])
+            sums += values.sum(axis=0, dtype=np.float64)
+            squares += (values * values).sum(axis=0, dtype=np.float64)
+    mean = sums / n_cells
+    var = squares / n_cells - mean**2
+    if n_cells > 1:
+        var *= n_cells / (n_cells - 1)
+    return mean, var
+
+
+def seurat_hvg_table(X, *, num_hvgs: int, var_names, n_bins: int = 20) -> pd.DataFrame:
+    """The table ``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=num_hvgs)`` adds to var.
+
+    Log dispersion is z-scored within 20 equal-width bins of log mean expression; a gene alone in its
+    bin gets a normalized dispersion of 1; every gene at or above the ``num_hvgs``-th highest
+    normalized dispersion is selected (ties may select a few more). Checked against scanpy in tests.
+    """
+    mean, var = _expm1_mean_var(X)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    dispersion = np.log(dispersion)
+    mean = np.log1p(mean)
+
+    table = pd.DataFrame({"means": mean, "dispersions": dispersion}, index=pd.Index(var_names))
+    mean_bin = pd.cut(table["means"], bins=n_bins)
+    stats = table.groupby(mean_bin, observed=True)["dispersions"].agg(avg="mean", dev="std")
+    lone = stats["dev"].isna()
+    stats.loc[lone, "dev"] = stats.loc[lone, "avg"]
+    stats.loc[lone, "avg"] = 0
+    per_gene = stats.loc[mean_bin].set_index(table.index)
+    norm = ((table["dispersions"] - per_gene["avg"]) / per_gene["dev"]).to_numpy()
+
+    ranked = np.sort(norm[~np.isnan(norm)])[::-1]
+    n_top = min(num_hvgs, ranked.size)
+    cutoff = ranked[n_top - 1] if n_top else np.inf
+    table["highly_variable"] = np.nan_to_num(norm, nan=-np.inf) >= cutoff
+    table["dispersions_norm"] = norm.astype(np.float32)
+    return table[["highly_variable", "means", "dispersions", "dispersions_norm"]]
+
+
+def _dense_columns(X, mask: np.ndarray) -> np.ndarray:
+    """``X[:, mask]`` as dense float32, built row chunk by row chunk."""
+    cols = np.flatnonzero(mask)
+    out = np.empty((X.shape[0], cols.size), dtype=np.float32)
+    for rows in _rows(X.shape[0]):
+        block = X[rows][:, cols]
+        out[rows] = block.toarray() if sp.issparse(block) else block
+    return out
+
+
+def _check_raw_counts(X, *, path, input_is_log1p: bool, uns) -> None:
+    summary = checks.summarize_values(X)
+    if input_is_log1p:
+        checks.check_nonnegative_counts(X, slot="X", path=path, summary=summary)
+        if not summary.has_fractional and summary.max_value > 30:
+            log.warning("--input-is-log1p was given but X%s holds integers up to %g: it looks like raw counts",
+                        f" of {path}" if path else "", summary.max_value)
+        return
+    if "log1p" in uns:
+        raise StateError(
+            f"{path or 'the input'} is already log-transformed (uns['log1p'] is present)", hint=_LOG1P_HINT
+        )
+    checks.check_nonnegative_counts(X, slot="X", path=path, summary=summary)
+    if summary.has_fractional and summary.max_value <= 30:
+        raise StateError(
+            f"adata.X of {path or 'the input'} holds non-integer values no larger than {summary.max_value:.3g}: "
+            "it looks log-transformed, expected raw counts",
+            hint=_LOG1P_HINT,
+        )
+    if summary.has_fractional:
+        log.warning("adata.X holds non-integer values; treating them as (normalized) counts")
+
+
+def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, path=None) -> None:
+    """In place: check X, normalize_total + log1p (unless ``input_is_log1p``), HVGs, ``obsm['X_hvg']``."""
+    import scanpy as sc
+
+    if num_hvgs < 1 or num_hvgs > adata.n_vars:
+        raise StateError(
+            f"--num_hvgs {num_hvgs} is out of range: {path or 'the input'} has {adata.n_vars} genes",
+            hint=f"choose a value between 1 and {adata.n_vars}",
+        )
+    X = checks.require_csr(adata.X, slot="X", path=path, allow_dense=True, convert=True)
+    _check_raw_counts(X, path=path, input_is_log1p=input_is_log1p, uns=adata.uns)
+    adata.X = _to_float32(X)
+    if not input_is_log1p:
+        sc.pp.normalize_total(adata, inplace=True)
+        sc.pp.log1p(adata)
+    adata.uns.setdefault("log1p", {"base": None})
+
+    table = seurat_hvg_table(adata.X, num_hvgs=num_hvgs, var_names=adata.var_names)
+    for column in table.columns:
+        adata.var[column] = table[column].to_numpy()
+    adata.uns["hvg"] = {"flavor": "seurat"}
+    adata.obsm["X_hvg"] = _dense_columns(adata.X, table["highly_variable"].to_numpy())
+    log.info("selected %d highly variable genes (asked for %d)", int(table["highly_variable"].sum()), num_hvgs)
+
+
+def preprocess_train(
+    input_path: str | os.PathLike, output_path: str | os.PathLike, *, num_hvgs: int, input_is_log1p: bool = False
+) -> Path:
+    """Read raw counts, normalize + log1p + HVGs (see :func:`normalize_log1p_hvg`), write atomically."""
+    out = checks.check_output_path(input_path, output_path)
+    adata = checks.read_h5ad_checked(input_path)
+    normalize_log1p_hvg(adata, num_hvgs=num_hvgs, input_is_log1p=input_is_log1p, path=input_path)
+    atomic_write_h5ad(adata, out)
+    return out
+
+
+def _replace_rows(matrix, targets: np.ndarray, sources: np.ndarray):
+    """A copy of ``matrix`` whose row ``targets[i]`` is row ``sources[i]`` (CSR stays CSR)."""
+    index = np.arange(matrix.shape[0])
+    index[targets] = sources
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix)[index]
+    if isinstance(matrix, pd.DataFrame):
+        return matrix.iloc[index].set_axis(matrix.index)
+    return np.asarray(matrix)[index]
+
+
+def preprocess_infer(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    control_condition: str,
+    pert_col: str,
+    seed: int = 42,
+) -> Path:
+    """Control template: each non-control cell's X row (and every cell-length obsm row) is replaced by the
+    row of a control cell drawn with replacement (``numpy.random.RandomState(seed)``); obs is kept."""
+    out = checks.check_output_path(input_path, output_path)
+    adata = checks.read_h5ad_checked(input_path)
+    checks.require_obs_columns(adata, [pert_col], path=input_path, hint="pass the perturbation column as --pert_col")
+    is_control = checks.require_label_present(
+        adata, pert_col, control_condition, path=input_path,
+        hint="pass the control label of that column as --control_condition",
+    )
+    controls = np.flatnonzero(is_control)
+    perturbed = np.flatnonzero(~is_control)
+    sources = controls[np.random.RandomState(seed).randint(0, controls.size, size=perturbed.size)]
+    if adata.X is not None:
+        adata.X = _replace_rows(adata.X, perturbed, sources)
+    for key in list(adata.obsm.keys()):
+        adata.obsm[key] = _replace_rows(adata.obsm[key], perturbed, sources)
+    for key in list(adata.layers.keys()):
+        adata.layers[key] = _replace_rows(adata.layers[key], perturbed, sources)
+    log.info("replaced %d perturbed cells with %d control cells", perturbed.size, controls.size)
+    atomic_write_h5ad(adata, out)
+    return out

@@ -1,0 +1,17 @@
+"""Test setup shared by every test: offline, quiet, single-threaded defaults, and ``tests/`` importable
+so tests can write ``from helpers.synthetic import make_perturbation_adata``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Set before any test module imports torch / wandb / huggingface; explicit values from the caller win.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
