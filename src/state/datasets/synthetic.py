@@ -197,14 +197,21 @@ def make_processed_dataset(
 
 
 def _labels_in_file(path: Path, *, celltype_col: str, pert_col: str, control: str) -> tuple[list, list]:
-    """Cell types and non-control perturbations of an h5ad (categories order), read without loading X."""
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        celltypes = [str(c) for c in adata.obs[celltype_col].astype("category").cat.categories]
-        perts = [str(p) for p in adata.obs[pert_col].astype("category").cat.categories if str(p) != control]
-    finally:
-        adata.file.close()
-    return celltypes, perts
+    """Cell types and non-control perturbations (sorted) of an h5ad, or of every h5/h5ad directly in a
+    folder as cell-load would read it; only obs is read."""
+    import h5py
+    from anndata.io import read_elem
+
+    files = sorted(path.glob("*.h5")) + sorted(path.glob("*.h5ad")) if path.is_dir() else [path]
+    celltypes: set[str] = set()
+    perts: set[str] = set()
+    for file in files:
+        with h5py.File(file, "r") as handle:
+            obs = read_elem(handle["obs"])
+        celltypes.update(obs[celltype_col].astype(str))
+        perts.update(obs[pert_col].astype(str))
+    perts.discard(control)
+    return sorted(celltypes), sorted(perts)
 
 
 def default_splits(kind: str, celltypes: list[str], perts: list[str]) -> tuple[dict, dict]:

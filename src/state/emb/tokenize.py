@@ -179,8 +179,7 @@ class SentenceBuilder:
         local = self._col_to_local[rows.indices]
         keep = (local >= 0) & (data > 0)
         e_row, e_local, e_val = row_of[keep], local[keep], data[keep]
-        totals = np.zeros(n_cells, dtype=np.float32)
-        np.add.at(totals, e_row, e_val)
+        totals = np.bincount(e_row, weights=e_val, minlength=n_cells).astype(np.float32)
         cls_val = np.zeros(n_cells, dtype=np.float32)
         at_cls = e_local == self.cls_token_idx
         cls_val[e_row[at_cls]] = e_val[at_cls]
@@ -215,9 +214,11 @@ class SentenceBuilder:
     @staticmethod
     def _raw_rows(data: np.ndarray, row_of: np.ndarray, n_cells: int) -> np.ndarray:
         row_max = np.zeros(n_cells, dtype=np.float64)
-        np.maximum.at(row_max, row_of, data)
-        expm1_sum = np.zeros(n_cells, dtype=np.float64)
-        np.add.at(expm1_sum, row_of, np.expm1(data.astype(np.float64)))
+        if data.size:
+            boundaries = np.flatnonzero(np.diff(row_of, prepend=-1))  # first entry of each non-empty row
+            row_max[row_of[boundaries]] = np.maximum.reduceat(data, boundaries)
+        with np.errstate(over="ignore"):  # huge raw counts overflow to inf, which still means "raw"
+            expm1_sum = np.bincount(row_of, weights=np.expm1(data.astype(np.float64)), minlength=n_cells)
         return (row_max > RAW_MAX_THRESHOLD) | (expm1_sum > RAW_EXPM1_SUM_THRESHOLD)
 
     @staticmethod

@@ -41,7 +41,7 @@ def read_h5ad_checked(path: str | os.PathLike, *, backed: str | None = None):
 
     p = Path(path)
     if not p.exists():
-        raise StateError(f"input file {p} does not exist", hint="check the path passed as input (--adata)")
+        raise StateError(f"input file {p} does not exist", hint="check the input path (--adata)")
     if p.is_dir():
         raise StateError(f"input {p} is a directory, expected an .h5ad file", hint="pass the path of the .h5ad file")
     if not h5py.is_hdf5(p):
@@ -163,8 +163,9 @@ def check_finite(matrix, *, slot: str = "X", path=None, summary: ValueSummary | 
     """No NaN or infinite entries."""
     s = summary or summarize_values(matrix)
     if s.n_nan or s.n_inf:
+        found = " and ".join(f"{n} {kind}" for n, kind in ((s.n_nan, "NaN"), (s.n_inf, "infinite")) if n)
         raise StateError(
-            f"adata.{slot}{_where(path)} contains {s.n_nan} NaN and {s.n_inf} infinite values, expected finite values",
+            f"adata.{slot}{_where(path)} contains {found} values, expected finite values",
             hint="remove or fix those entries (e.g. filter the affected cells) before preprocessing",
         )
     return s
@@ -186,7 +187,7 @@ def require_label_present(adata, col: str, label: str, *, path=None, hint: str |
     values = adata.obs[col].astype(str).to_numpy()
     mask = values == str(label)
     if not mask.any():
-        present = pd.unique(values)
+        present = sorted(pd.unique(values))
         raise StateError(
             f"label {label!r} not found in adata.obs[{col!r}]{_where(path)}; present labels: {_preview(present)}",
             hint=hint or "pass a label that occurs in that column",

@@ -49,11 +49,20 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, target)
+        if tmp.is_file():
+            # mkstemp creates the file 0600; give the result the permissions a plain open() would.
+            tmp.chmod(0o666 & ~_current_umask())
+        tmp.replace(target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

@@ -18,6 +18,7 @@ def train(args: argparse.Namespace) -> int:
         print(config.train_help_text())
         return 0
     cfg = config.compose_tx_config(list(args.hydra_overrides))
+    config.validate_tx_config(cfg)  # every config problem in one line, before the heavy imports
     from state.tx.train import train as run_train
 
     result = run_train(cfg)

@@ -106,12 +106,12 @@ class SetPredictor:
 def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) -> SetPredictor:
     """Load a run directory (ours or arc-state's) and a checkpoint for inference."""
     from state.tx.models.registry import load_model_checkpoint
-    from state.tx.rundir import load_run_artifacts
+    from state.tx.rundir import load_run_dir
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise StateError(f"--model-dir {model_dir} is not a folder", hint="pass the run directory written by train")
-    run = load_run_artifacts(model_dir)
+    run = load_run_dir(model_dir)
     ckpt = Path(checkpoint) if checkpoint else model_dir / "checkpoints" / "final.ckpt"
     if not ckpt.is_file():
         available = sorted(p.name for p in (model_dir / "checkpoints").glob("*.ckpt")) if (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
 
-_ROW_CHUNK = 8192
+_ROW_CHUNK = 2048
+_NNZ_CHUNK = 1 << 21
 _LOG1P_HINT = "pass --input-is-log1p if X is already normalized and log1p-transformed"
 
 
@@ -52,9 +54,9 @@ def _expm1_mean_var(X) -> tuple[np.ndarray, np.ndarray]:
     sums = np.zeros(n_genes)
     squares = np.zeros(n_genes)
     if sp.issparse(X):
-        for part in range(0, X.nnz, 1 << 22):
-            values = np.expm1(X.data[part : part + (1 << 22)])
-            cols = X.indices[part : part + (1 << 22)]
+        for part in range(0, X.nnz, _NNZ_CHUNK):
+            values = np.expm1(X.data[part : part + _NNZ_CHUNK])
+            cols = X.indices[part : part + _NNZ_CHUNK]
             sums += np.bincount(cols, weights=values, minlength=n_genes)
             squares += np.bincount(cols, weights=values * values, minlength=n_genes)
     else:
@@ -100,6 +102,40 @@ def seurat_hvg_table(X, *, num_hvgs: int, var_names, n_bins: int = 20) -> pd.Dat
     return table[["highly_variable", "means", "dispersions", "dispersions_norm"]]
 
 
+def _row_block(X, rows: slice):
+    """Rows of CSR ``X`` as a CSR matrix whose ``data`` is a view into ``X.data`` (no copy)."""
+    lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
+    return sp.csr_matrix(
+        (X.data[lo:hi], X.indices[lo:hi], X.indptr[rows.start : rows.stop + 1] - lo),
+        shape=(rows.stop - rows.start, X.shape[1]),
+        copy=False,
+    )
+
+
+def _normalize_total_csr(X) -> None:
+    """``sc.pp.normalize_total`` (median target) on CSR ``X``, in place, one block of rows at a time.
+
+    scanpy scales ``X.data`` through a full-size temporary and a full-size result; calling it per block
+    with the global median as ``target_sum`` gives the same numbers with block-sized temporaries.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    totals = np.concatenate([np.asarray(_row_block(X, r).sum(axis=1), dtype=X.dtype).ravel()
+                             for r in _rows(X.shape[0])])
+    target = np.median(totals)  # scanpy's CSR path takes the median over all cells
+    if not totals.all():
+        log.warning("%d cells have zero counts; they stay all-zero", int((totals == 0).sum()))
+    for rows in _rows(X.shape[0]):
+        block = _row_block(X, rows)
+        lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
+        part = ad.AnnData(block)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-count cells were reported once above
+            sc.pp.normalize_total(part, target_sum=target, inplace=True)
+        X.data[lo:hi] = part.X.data
+
+
 def _dense_columns(X, mask: np.ndarray) -> np.ndarray:
     """``X[:, mask]`` as dense float32, built row chunk by row chunk."""
     cols = np.flatnonzero(mask)
@@ -135,8 +171,6 @@ def _check_raw_counts(X, *, path, input_is_log1p: bool, uns) -> None:
 
 def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, path=None) -> None:
     """In place: check X, normalize_total + log1p (unless ``input_is_log1p``), HVGs, ``obsm['X_hvg']``."""
-    import scanpy as sc
-
     if num_hvgs < 1 or num_hvgs > adata.n_vars:
         raise StateError(
             f"--num_hvgs {num_hvgs} is out of range: {path or 'the input'} has {adata.n_vars} genes",
@@ -145,8 +179,13 @@ def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, p
     X = checks.require_csr(adata.X, slot="X", path=path, allow_dense=True, convert=True)
     _check_raw_counts(X, path=path, input_is_log1p=input_is_log1p, uns=adata.uns)
     adata.X = _to_float32(X)
+    import scanpy as sc  # after the checks: bad input fails fast, without the slow import
+
     if not input_is_log1p:
-        sc.pp.normalize_total(adata, inplace=True)
+        if sp.issparse(adata.X):
+            _normalize_total_csr(adata.X)
+        else:
+            sc.pp.normalize_total(adata, inplace=True)
         sc.pp.log1p(adata)
     adata.uns.setdefault("log1p", {"base": None})
 
@@ -193,6 +232,13 @@ def preprocess_infer(
     out = checks.check_output_path(input_path, output_path)
     adata = checks.read_h5ad_checked(input_path)
     checks.require_obs_columns(adata, [pert_col], path=input_path, hint="pass the perturbation column as --pert_col")
+    column = adata.obs[pert_col]
+    if isinstance(column.dtype, pd.CategoricalDtype) and control_condition in column.cat.categories:
+        if not (column == control_condition).any():
+            raise StateError(
+                f"no cells in {input_path} have {pert_col}={control_condition!r} (it is an unused category)",
+                hint="a control template needs control cells; check --control_condition and --pert_col",
+            )
     is_control = checks.require_label_present(
         adata, pert_col, control_condition, path=input_path,
         hint="pass the control label of that column as --control_condition",

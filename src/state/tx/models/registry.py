@@ -136,16 +136,13 @@ def entry_for_checkpoint(checkpoint: Mapping[str, Any], model_name: Any = None) 
 def load_model_checkpoint(path: str | Path, *, model_name: Any = None, **overrides: Any):
     """Load any registered model from a Lightning checkpoint (ours or arc-state's) without unsafe unpickling.
 
+    The class comes from ``model_name`` when given, else from the checkpoint itself (the mean
+    baselines store their statistics under their own keys; anything else is the state model).
     ``overrides`` replace saved hyper-parameters (arc-state's predict passes the current var_dims
-    and model kwargs this way).
+    and model kwargs this way). Returns the module in eval mode.
     """
-    from state.io.safe_load import safe_torch_load
+    from state.tx.checkpoint import build_from_checkpoint, read_checkpoint
 
-    checkpoint = safe_torch_load(path, what="checkpoint")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise StateError(f"{path} is not a Lightning checkpoint (no state_dict)", hint="pass a .ckpt written by train")
+    checkpoint = read_checkpoint(path)
     entry = entry_for_checkpoint(checkpoint, model_name)
-    cls = model_class(entry.canonical)
-    from state.tx.checkpoint import module_from_checkpoint
-
-    return module_from_checkpoint(cls, checkpoint, path=path, **overrides)
+    return build_from_checkpoint(model_class(entry.canonical), checkpoint, path=path, overrides=overrides)

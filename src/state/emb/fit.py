@@ -1,0 +1,241 @@
+"""``state emb fit``: SE pretraining (spec §1.1, §4.4).
+
+``fit(cfg)`` is a pure function of the composed config (used by the CLI, tests and benchmarks).
+It runs on CPU, one GPU, or many GPUs / nodes through Lightning: ``experiment.num_gpus_per_node``
+-> devices, ``experiment.num_nodes`` -> num_nodes, DDP when more than one process (Lightning picks
+gloo on CPU, nccl on CUDA). Checkpoints go to ``<checkpoint.path>/<experiment.name>/`` as
+``<run_name>-epoch=E-step=S.ckpt`` plus ``last.ckpt``; a run resumes from ``last.ckpt`` when it
+exists, and ``<checkpoint.path>/<run_name>_final.pt`` is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from state.emb.data.datamodule import SEDataModule
+from state.emb.data.profile import dataset_profile, embedding_profile, load_training_profile
+from state.emb.lightning_module import StateEmbeddingModel, warmup_steps_for
+from state.io.safe_load import placeholder_to_plain, safe_torch_load
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    checkpoint_dir: Path
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    final_checkpoint: Path | None
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fit_cli(args: argparse.Namespace) -> int:
+    from state.emb.config import check_emb_config, compose_emb_config
+
+    cfg = compose_emb_config(args.conf, list(args.hydra_overrides or []))
+    check_emb_config(cfg, for_fit=True)
+    log.info("SE training config:\n%s", OmegaConf.to_yaml(cfg))
+    fit(cfg)
+    return 0
+
+
+def run_name(cfg) -> str:
+    """arc-state's run name, the stem of every checkpoint file."""
+    return (
+        f"exp_{cfg.experiment.name}_layers_{cfg.model.nlayers}_dmodel_{cfg.model.emsize}"
+        f"_samples_{cfg.dataset.pad_length}_max_lr_{cfg.optimizer.max_lr}_op_dim_{cfg.model.output_dim}"
+    )
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(str(cfg.experiment.checkpoint.path)) / str(cfg.experiment.name)
+
+
+def fit(cfg: DictConfig) -> FitResult:
+    """Train (or resume training) the SE model described by ``cfg``."""
+    cfg = cfg.copy()
+    embedding_profile(cfg)  # clear errors for unset embeddings.current / dataset.current
+    dataset_profile(cfg)
+    exp = cfg.experiment
+    os.environ["MASTER_PORT"] = str(exp.get("port", 12400))
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ["SLURM_NTASKS_PER_NODE"] = str(exp.num_gpus_per_node)
+    L.seed_everything(int(cfg.dataset.get("seed", 42)), workers=True, verbose=False)
+
+    profile = load_training_profile(cfg)
+    _check_num_datasets(cfg, profile)
+    data = SEDataModule(cfg, profile)
+    model = build_model(cfg, profile.gene_embeddings)
+
+    devices, num_nodes = int(exp.num_gpus_per_node), int(exp.get("num_nodes", 1))
+    world = devices * num_nodes
+    ckpt_dir = checkpoint_dir(cfg)
+    name = run_name(cfg)
+    checkpointing = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename=f"{name}-{{epoch}}-{{step}}",
+        save_last=True,
+        save_top_k=int(exp.checkpoint.get("save_top_k", 2)),
+        monitor=exp.checkpoint.get("monitor", "validation/val_loss"),
+        every_n_train_steps=int(exp.checkpoint.get("every_n_train_steps", 1000)),
+    )
+    callbacks: list[Callback] = [checkpointing]
+    if cfg.optimizer.get("reset_lr_on_restart", False):
+        callbacks.append(ResetLearningRate(float(cfg.optimizer.max_lr)))
+    if cfg.model.get("ema", False):
+        log.warning("model.ema=true is not implemented; training without EMA")
+    profiler_cfg = exp.get("profile", {}) or {}
+    max_steps = int(profiler_cfg.get("max_steps", -1)) if profiler_cfg.get("enable_profiler", False) else -1
+
+    train_batches = _batches_per_epoch(len(data.train_dataset), int(cfg.model.batch_size), world)
+    val_interval = int(exp.get("val_check_interval", 1000)) * world  # arc-state scales it by the world size
+    if val_interval > train_batches:
+        log.info("experiment.val_check_interval x world size (%d) exceeds the %d batches of an epoch: "
+                 "validating once per epoch", val_interval, train_batches)
+        val_interval = train_batches
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=_strategy(world, int(exp.get("ddp_timeout", 3600))),
+        precision=_precision(),
+        max_epochs=int(exp.num_epochs),
+        max_steps=max_steps,
+        gradient_clip_val=float(cfg.optimizer.max_grad_norm),
+        accumulate_grad_batches=int(cfg.optimizer.gradient_accumulation_steps),
+        val_check_interval=val_interval,
+        log_every_n_steps=max(1, min(50, train_batches // int(cfg.optimizer.gradient_accumulation_steps))),
+        limit_val_batches=exp.get("limit_val_batches", 1.0),
+        callbacks=callbacks,
+        logger=_loggers(cfg, ckpt_dir),
+        plugins=[SafeCheckpointIO()],
+        default_root_dir=ckpt_dir,
+        enable_progress_bar=bool(os.environ.get("STATE_PROGRESS", "") not in ("0", "false", "off")),
+    )
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.is_file() else None
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
+
+    final = Path(str(exp.checkpoint.path)) / f"{name}_final.pt"
+    trainer.save_checkpoint(final, weights_only=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    best = checkpointing.best_model_path or None
+    return FitResult(
+        checkpoint_dir=ckpt_dir,
+        last_checkpoint=last if last.is_file() else None,
+        best_checkpoint=Path(best) if best else None,
+        final_checkpoint=final if final.is_file() else None,
+        global_step=int(trainer.global_step),
+        metrics=metrics,
+    )
+
+
+def build_model(cfg: DictConfig, gene_embeddings: dict[str, torch.Tensor]) -> StateEmbeddingModel:
+    """The LightningModule with arc-state's constructor arguments and the frozen gene table."""
+    width = int(next(iter(gene_embeddings.values())).numel())
+    model = StateEmbeddingModel(
+        token_dim=width,
+        d_model=int(cfg.model.emsize),
+        nhead=int(cfg.model.nhead),
+        d_hid=int(cfg.model.d_hid),
+        nlayers=int(cfg.model.nlayers),
+        output_dim=int(cfg.model.output_dim),
+        dropout=float(cfg.model.dropout),
+        warmup_steps=warmup_steps_for(cfg),
+        compiled=False,
+        max_lr=float(cfg.optimizer.max_lr),
+        emb_size=width,
+        cfg=cfg,
+        collater=None,
+    )
+    model.set_gene_embeddings(gene_embeddings)
+    return model
+
+
+def _check_num_datasets(cfg: DictConfig, profile) -> None:
+    data = cfg.dataset[cfg.dataset.current]
+    needed = max(len(profile.train_entries), len(profile.val_entries))
+    if data.get("num_datasets") is None:
+        data.num_datasets = len(profile.train_entries) + len(profile.val_entries)
+        log.info("dataset.%s.num_datasets not set; using %d", cfg.dataset.current, data.num_datasets)
+    if int(data.num_datasets) < needed:
+        raise StateError(
+            f"dataset.{cfg.dataset.current}.num_datasets={data.num_datasets} but a split lists {needed} datasets",
+            hint=f"set dataset.{cfg.dataset.current}.num_datasets={needed} or more",
+        )
+
+
+def _batches_per_epoch(cells: int, batch_size: int, world: int) -> int:
+    per_rank = -(-cells // max(world, 1))
+    return max(-(-per_rank // batch_size), 1)
+
+
+def _strategy(world: int, timeout_s: int):
+    if world <= 1:
+        return "auto"
+    # No backend named here: Lightning uses nccl on CUDA and gloo on CPU.
+    return DDPStrategy(find_unused_parameters=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _loggers(cfg: DictConfig, ckpt_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(ckpt_dir), name="csv_logs")]
+    wandb_cfg = cfg.get("wandb", {}) or {}
+    if not wandb_cfg.get("enable", False):
+        return loggers
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_logger = WandbLogger(project=str(wandb_cfg.get("project", "vci")), name=str(cfg.experiment.name))
+        _ = wandb_logger.experiment  # initialise now so that a failure is caught here
+        loggers.append(wandb_logger)
+    except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+        log.warning("wandb logging disabled: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return loggers
+
+
+class ResetLearningRate(Callback):
+    """``optimizer.reset_lr_on_restart``: back to ``max_lr`` when a run resumes."""
+
+    def __init__(self, max_lr: float) -> None:
+        self.max_lr = max_lr
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.max_lr
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Resume from any checkpoint (ours or arc-state's) through the restricted unpickler."""
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        checkpoint = safe_torch_load(path, what="SE checkpoint", map_location="cpu")
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            checkpoint["hyper_parameters"] = placeholder_to_plain(hparams)
+        return checkpoint

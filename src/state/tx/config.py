@@ -1,0 +1,442 @@
+"""The Hydra config of ``state tx train``: compose it, explain it, check it.
+
+The packaged tree (``configs/``: ``config.yaml`` plus the ``data``, ``model``, ``training`` and
+``wandb`` groups) is composed with Hydra's compose API, so the override grammar is Hydra's:
+``a.b=v`` for existing keys, ``+a.b=v`` to add one, ``++a.b=v`` to add or replace, ``~a.b`` to
+delete, ``model=state_sm`` to switch a group. Hydra's multi-line errors become one-line
+:class:`StateError` messages that name the override and the fix.
+
+Nothing here builds models or data: :func:`validate_tx_config` only looks at values, so training,
+tests and the CLI can call it before any heavy import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from state.config_paths import configs_dir
+from state.utils.errors import StateError, collect_errors
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config"
+OUTPUT_SPACES = ("gene", "all", "embedding")
+BASAL_MAPPING_STRATEGIES = ("random", "batch")
+DATA_MODULE_NAME = "PerturbationDataModule"
+TOML_OVERRIDE = "data.kwargs.toml_config_path=path/to/split.toml"
+# Lightning's accepted precision spellings (Trainer(precision=...)).
+PRECISIONS = (
+    "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+    "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16,
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group folder of the packaged tree and the (sorted) stems of its YAML files."""
+    root = configs_dir()
+    groups = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        stems = sorted(f.stem for f in folder.glob("*.yaml"))
+        if stems:
+            groups[folder.name] = stems
+    return groups
+
+
+def compose_tx_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the packaged config with Hydra overrides and resolve every interpolation.
+
+    The result is not in struct mode, so training code may add derived keys. Raises
+    :class:`StateError` (one line) for an unknown key, an unknown group choice, a syntax error or
+    an interpolation that does not resolve.
+    """
+    cfg = _compose(list(overrides))
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise StateError(
+            f"the config has an interpolation that does not resolve: {_first_line(exc)}",
+            hint="interpolations name absolute keys, e.g. ${model.kwargs.hidden_dim}",
+        ) from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
+    _check_override_syntax(overrides)
+    pending = list(overrides)
+    # arc-state users wrote `+training.use_mfu=false` because its training/cpa.yaml lacked the key;
+    # our files have it, so an append onto an existing key is retried as add-or-replace (`++`).
+    for _ in range(len(overrides) + 1):
+        try:
+            return _compose_once(pending)
+        except MissingConfigException as exc:  # a subclass of ConfigCompositionException
+            raise _missing_choice_error(exc, pending) from None
+        except ConfigCompositionException as exc:
+            promoted = _promote_colliding_append(pending, str(exc))
+            if promoted is None:
+                raise _composition_error(str(exc), pending) from None
+            pending = promoted
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise StateError(f"cannot compose the tx config: {_first_line(exc)}") from None
+    raise StateError("cannot compose the tx config: conflicting overrides " + " ".join(overrides))
+
+
+def _compose_once(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base=None, job_name="state_tx"):
+        return compose(config_name=CONFIG_NAME, overrides=overrides)
+
+
+def _check_override_syntax(overrides: list[str]) -> None:
+    """Parse each override on its own so that the error names the one that is malformed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as exc:
+            raise StateError(
+                f"cannot parse the override {text!r}: {_first_line(exc)}",
+                hint="write key=value (quote values with spaces or commas: key='a,b'; lists as key=[a,b])",
+            ) from None
+        if override.is_sweep_override():
+            raise StateError(
+                f"the override {text!r} is a sweep, which `state tx train` does not run",
+                hint="give one value; for a list write key=[a,b], for a string with commas key='a,b'",
+            )
+
+
+_APPEND_COLLISION = re.compile(r"An item is already at '([^']+)'")
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+_DELETE_MISSING = re.compile(r"Could not delete from config\. '([^']+)' does not exist")
+
+
+def _promote_colliding_append(overrides: list[str], message: str) -> list[str] | None:
+    match = _APPEND_COLLISION.search(message)
+    if not match:
+        return None
+    key = match.group(1)
+    changed = False
+    promoted = []
+    for text in overrides:
+        if text.startswith("+") and not text.startswith("++") and text[1:].split("=", 1)[0] == key:
+            log.debug("override %s: %s already exists, setting it instead of adding it", text, key)
+            text = "+" + text
+            changed = True
+        promoted.append(text)
+    return promoted if changed else None
+
+
+def _override_for(key: str, overrides: list[str]) -> str | None:
+    for text in overrides:
+        if text.lstrip("+~").split("=", 1)[0] == key:
+            return text
+    return None
+
+
+def _composition_error(message: str, overrides: list[str]) -> StateError:
+    if match := _UNKNOWN_KEY.search(message):
+        key = match.group(1)
+        text = _override_for(key, overrides) or f"{key}=..."
+        value = text.split("=", 1)[1] if "=" in text else "..."
+        guess = _closest_key(key, overrides)
+        did_you_mean = f"did you mean {guess}={value}? " if guess else ""
+        return StateError(
+            f"unknown config key {key!r} in override {text!r}",
+            hint=f"{did_you_mean}use +{key}={value} to add a key; `state tx train --help` lists every key",
+        )
+    if match := _DELETE_MISSING.search(message):
+        key = match.group(1)
+        return StateError(f"cannot delete {key!r}: the config has no such key", hint="drop the ~ override")
+    return StateError(f"cannot compose the tx config: {_first_line(message)}")
+
+
+def _closest_key(key: str, overrides: list[str]) -> str | None:
+    """The existing key nearest to a misspelt one, looked up in the config of the chosen groups."""
+    groups = config_groups()
+    choices = [t for t in overrides if t.split("=", 1)[0] in groups or t.startswith("hydra.")]
+    try:
+        cfg = _compose_once(choices)
+    except Exception:  # only a suggestion: never mask the real error
+        return None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not OmegaConf.is_dict(node):
+        return None
+    names = [str(k) for k in node.keys()]
+    if not parent:
+        names += list(groups)
+    match = difflib.get_close_matches(leaf, names, n=1, cutoff=0.75)
+    return f"{parent}.{match[0]}" if match and parent else (match[0] if match else None)
+
+
+def _missing_choice_error(exc: Exception, overrides: list[str]) -> StateError:
+    missing = getattr(exc, "missing_cfg_file", None) or ""
+    match = re.search(r"Could not find '([^']+)'", str(exc))
+    missing = match.group(1) if match else missing
+    group, _, choice = missing.rpartition("/")
+    groups = config_groups()
+    if group in groups:
+        text = _override_for(group, overrides) or f"{group}={choice}"
+        return StateError(
+            f"unknown {group} choice {choice!r} in override {text!r}",
+            hint=f"available {group} choices: {', '.join(groups[group])}",
+        )
+    return StateError(f"config {missing!r} not found: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Help
+# --------------------------------------------------------------------------------------------
+
+
+def train_help_text() -> str:
+    """What ``state tx train --help`` prints: the default config, override examples and groups."""
+    default_yaml = OmegaConf.to_yaml(_compose([]))
+    groups = config_groups()
+    width = max(len(name) for name in groups) if groups else 0
+    group_lines = [f"  {name:<{width}} : {', '.join(stems)}" for name, stems in groups.items()]
+    lines = [
+        "Hydra Configuration Help",
+        "=" * 60,
+        "Configuration for method: tx",
+        "",
+        "Default configuration (what `state tx train` composes with no overrides):",
+        "-" * 60,
+        default_yaml.rstrip(),
+        "-" * 60,
+        "",
+        "Usage examples:",
+        "  Required: the TOML file that lists datasets and splits",
+        f"    state tx train {TOML_OVERRIDE}",
+        "  Override a single value",
+        "    state tx train training.batch_size=64",
+        "    state tx train model.kwargs.hidden_dim=512",
+        "  Override several values at once",
+        "    state tx train training.max_steps=1000 training.lr=5e-4 model.kwargs.cell_set_len=256",
+        "  Switch a config group to another file (one of the choices listed below)",
+        "    state tx train model=state_sm training=debug",
+        "  Use your own group files: put custom_data.yaml in DIR/data/ and custom_model.yaml in DIR/model/, then",
+        "    state tx train hydra.searchpath=[file:///abs/path/DIR] data=custom_data model=custom_model",
+        "  Add a key that the defaults do not have (+), add-or-replace (++), delete (~)",
+        "    state tx train '+model.kwargs.decoder_hidden_dims=[1024,512]'",
+        "",
+        "Available config groups:",
+        *group_lines,
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_tx_config(cfg: DictConfig, *, known_models: Collection[str] | None = None) -> None:
+    """Check a composed config before training; raise one :class:`StateError` listing every problem.
+
+    ``known_models`` is the hook for the model registry: when given, ``model.name`` must be one of
+    them (compared case-insensitively). Each problem names the override that fixes it.
+    """
+    if not isinstance(cfg, DictConfig):  # a plain dict, e.g. a config.yaml read with yaml.safe_load
+        cfg = OmegaConf.create(dict(cfg))
+    problems: list[str] = []
+    problems += _missing_values(cfg)
+    problems += _data_problems(cfg)
+    problems += _model_problems(cfg, known_models)
+    problems += _training_problems(cfg)
+    collect_errors(problems, context="invalid tx train config")
+
+
+def cell_sentence_len(cfg: DictConfig) -> int | None:
+    """The number of cells per set that the data module must yield for this model.
+
+    The first of: ``model.cell_set_len``; ``model.kwargs.cell_sentence_len`` for the cpa / scvi /
+    scgpt baselines; ``transformer_backbone_kwargs.n_positions``; ``...max_position_embeddings``;
+    finally ``model.kwargs.cell_set_len`` (arc-state stopped one step earlier). Accepts a DictConfig
+    or a plain dict.
+    """
+    model = cfg.get("model") or {}
+    kwargs = model.get("kwargs") or {}
+    if model.get("cell_set_len") is not None:
+        return int(model.get("cell_set_len"))
+    name = str(model.get("name", "")).lower()
+    if (name in ("cpa", "scvi") or name.startswith("scgpt")) and kwargs.get("cell_sentence_len") is not None:
+        return int(kwargs.get("cell_sentence_len"))
+    backbone = kwargs.get("transformer_backbone_kwargs") or {}
+    for key in ("n_positions", "max_position_embeddings"):
+        if backbone.get(key) is not None:
+            return int(backbone.get(key))
+    if kwargs.get("cell_set_len") is not None:
+        return int(kwargs.get("cell_set_len"))
+    return None
+
+
+def _missing_values(cfg: DictConfig) -> list[str]:
+    problems = []
+    for path in _missing_paths(cfg, prefix=""):
+        if path == "data.kwargs.toml_config_path":
+            continue  # reported by _data_problems with the usual wording
+        problems.append(f"{path} is required (add {path}=...)")
+    return problems
+
+
+def _missing_paths(node, *, prefix: str) -> list[str]:
+    """Dotted paths of every ``???`` value (to_container keeps them as the literal string)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if value == "???":
+                found.append(f"{prefix}{key}")
+            else:
+                found += _missing_paths(value, prefix=f"{prefix}{key}.")
+    return found
+
+
+def _select(cfg: DictConfig, key: str, default=None):
+    return OmegaConf.select(
+        cfg, key, default=default, throw_on_missing=False, throw_on_resolution_failure=False
+    )
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    name = _select(cfg, "data.name")
+    if name != DATA_MODULE_NAME:
+        problems.append(
+            f"data.name is {name!r}, but the only data module is {DATA_MODULE_NAME} "
+            "(data=default is a legacy group: use data=perturbation)"
+        )
+    kwargs = _select(cfg, "data.kwargs")
+    if not OmegaConf.is_dict(kwargs):
+        return [*problems, "data.kwargs must be a mapping (use data=perturbation)"]
+    toml_path = (
+        kwargs.get("toml_config_path") if not OmegaConf.is_missing(kwargs, "toml_config_path") else None
+    )
+    if toml_path in (None, ""):
+        problems.append(f"data.kwargs.toml_config_path is not set (add {TOML_OVERRIDE})")
+    elif not Path(str(toml_path)).expanduser().is_file():
+        problems.append(f"data.kwargs.toml_config_path={toml_path} does not exist (add {TOML_OVERRIDE})")
+    output_space = kwargs.get("output_space")
+    if output_space not in OUTPUT_SPACES:
+        problems.append(
+            f"data.kwargs.output_space={output_space!r} is not one of {'|'.join(OUTPUT_SPACES)} "
+            "(e.g. data.kwargs.output_space=gene)"
+        )
+    strategy = kwargs.get("basal_mapping_strategy", "random")
+    if strategy not in BASAL_MAPPING_STRATEGIES:
+        problems.append(
+            f"data.kwargs.basal_mapping_strategy={strategy!r} is not one of "
+            f"{'|'.join(BASAL_MAPPING_STRATEGIES)} (e.g. data.kwargs.basal_mapping_strategy=random)"
+        )
+    return problems
+
+
+def _model_problems(cfg: DictConfig, known_models: Collection[str] | None) -> list[str]:
+    problems = []
+    name = _select(cfg, "model.name")
+    if known_models is not None and str(name).lower() not in {m.lower() for m in known_models}:
+        problems.append(
+            f"model.name={name!r} names no model (known: {', '.join(sorted(known_models))}; "
+            f"choose a model file with model=<{'|'.join(config_groups().get('model', []))}>)"
+        )
+    kwargs = _select(cfg, "model.kwargs")
+    if not OmegaConf.is_dict(kwargs):
+        return [*problems, "model.kwargs must be a mapping (choose a model file, e.g. model=state)"]
+    set_len = kwargs.get("cell_set_len")
+    if set_len is not None and not _positive_int(set_len):
+        problems.append(f"model.kwargs.cell_set_len={set_len!r} must be a positive integer")
+    if cell_sentence_len(cfg) is None:
+        problems.append(
+            "the model config gives no cell-set length "
+            "(add +model.kwargs.transformer_backbone_kwargs.n_positions=<cells per set>)"
+        )
+    problems += _backbone_problems(kwargs)
+    return problems
+
+
+def _backbone_problems(kwargs: DictConfig) -> list[str]:
+    backbone = kwargs.get("transformer_backbone_kwargs")
+    if not OmegaConf.is_dict(backbone):
+        return []
+    prefix = "model.kwargs.transformer_backbone_kwargs"
+    key = str(kwargs.get("transformer_backbone_key", "")).lower()
+    if key == "llama":
+        width_key, heads_key = "hidden_size", "num_attention_heads"
+    elif key == "gpt2":
+        width_key, heads_key = "n_embd", "n_head"
+    else:
+        return []
+    width, heads = backbone.get(width_key), backbone.get(heads_key)
+    if not (_positive_int(width) and _positive_int(heads)):
+        return []
+    problems = []
+    width_name = f"{prefix}.{width_key}"
+    if width_key == "hidden_size" and width == kwargs.get("hidden_dim"):
+        width_name = "model.kwargs.hidden_dim"
+    if width % heads:
+        nearest = min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: abs(d - heads))
+        problems.append(
+            f"{width_name}={width} is not divisible by {prefix}.{heads_key}={heads} "
+            f"(set {prefix}.{heads_key} to a divisor of {width}, e.g. {prefix}.{heads_key}={nearest}, "
+            f"or change {width_name})"
+        )
+    kv_heads = backbone.get("num_key_value_heads")
+    if key == "llama" and _positive_int(kv_heads) and heads % kv_heads:
+        problems.append(
+            f"{prefix}.num_attention_heads={heads} is not a multiple of {prefix}.num_key_value_heads={kv_heads} "
+            f"(e.g. {prefix}.num_key_value_heads={heads})"
+        )
+    return problems
+
+
+def _training_problems(cfg: DictConfig) -> list[str]:
+    training = _select(cfg, "training")
+    if not OmegaConf.is_dict(training):
+        return ["training must be a mapping (choose a training file, e.g. training=default)"]
+    problems = []
+    for key in ("batch_size", "max_steps", "val_freq"):
+        value = training.get(key)
+        if not _positive_int(value):
+            problems.append(f"training.{key}={value!r} must be a positive integer (e.g. training.{key}=16)")
+    lr = training.get("lr")
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
+        problems.append(f"training.lr={lr!r} must be a positive number (e.g. training.lr=1e-4)")
+    precision = training.get("precision", "32-true")
+    if precision not in PRECISIONS:
+        problems.append(
+            f"training.precision={precision!r} is not a Lightning precision "
+            "(e.g. training.precision=32-true, bf16-mixed, 16-mixed)"
+        )
+    return problems
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,1 @@
+"""LightningModules of the tx models (State Transition and the baselines)."""

@@ -1,0 +1,218 @@
+"""Shared LightningModule base for every tx model (State Transition and the baselines).
+
+Constructor contract (mirrors how arc-state's ``train`` builds a model, spec §4.1 step 6): one
+flat keyword dict made of ``model.kwargs`` + the whole ``training`` dict + ``embed_key``,
+``output_space``, ``gene_names``, ``batch_size``, ``control_pert`` and the dims ``input_dim,
+gene_dim, hvg_dim, output_dim, pert_dim, batch_dim`` (+ ``decoder_cfg`` inside model.kwargs).
+Unknown keys are kept (they end up in ``hyper_parameters`` exactly as in arc-state) and ignored.
+
+Hyper-parameters: ``hyper_parameters`` in a checkpoint is the union, in this order, of the base
+arguments below (with their defaults), every extra keyword given, and the subclass's own named
+arguments (added with :meth:`PerturbationModel.add_hparams`). That is the key set arc-state writes
+for the same config. Values are stored as plain Python types (numpy scalars/strings and OmegaConf
+containers are converted), so our checkpoints load with ``torch.load(weights_only=True)``.
+
+Subclass contract:
+* implement ``forward(batch, padded=True) -> Tensor [N, output_dim]`` (the latent prediction);
+* optionally override ``extra_prediction_outputs(batch, padded)`` to add keys to predict_step;
+* ``predict_step(batch, batch_idx, padded=True)`` returns the dict of spec §4.7;
+* the optimizer is one ``Adam(self.parameters(), lr)`` over ALL parameters in registration order
+  (frozen ones included), so arc-state optimizer states line up when resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from state.tx.nn.decoders import build_gene_decoder, decoder_cfg_from_state_dict
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SPACES = ("embedding", "gene", "all")
+
+
+def to_plain(value: Any) -> Any:
+    """Recursively convert numpy / OmegaConf values to plain Python (dict, list, str, int, ...)."""
+    if isinstance(value, Mapping):
+        return {to_plain(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return to_plain(OmegaConf.to_container(value, resolve=True))
+    if type(value).__module__ == "numpy":
+        if hasattr(value, "tolist"):
+            return to_plain(value.tolist())
+        return value.item()
+    return value
+
+
+class PerturbationModel(LightningModule):
+    """Base LightningModule: hyper-parameter capture, the gene decoder, Adam, predict_step."""
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        pert_dim: int,
+        batch_dim: int | None = None,
+        dropout: float = 0.1,
+        lr: float = 3e-4,
+        loss_fn: Any = "mse",
+        control_pert: str = "non-targeting",
+        embed_key: str | None = None,
+        output_space: str = "gene",
+        gene_names: list[str] | None = None,
+        batch_size: int = 64,
+        gene_dim: int = 5000,
+        hvg_dim: int = 2001,
+        decoder_cfg: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if output_space not in OUTPUT_SPACES:
+            from state.utils.errors import StateError
+
+            raise StateError(
+                f"output_space must be one of {', '.join(OUTPUT_SPACES)}, got '{output_space}'",
+                hint="set data.kwargs.output_space",
+            )
+        if output_space == "embedding":
+            # No expression target exists in embedding space: never build or save a decoder.
+            kwargs["gene_decoder_bool"] = False
+            decoder_cfg = None
+        base = {
+            "input_dim": input_dim,
+            "hidden_dim": hidden_dim,
+            "output_dim": output_dim,
+            "pert_dim": pert_dim,
+            "batch_dim": batch_dim,
+            "dropout": dropout,
+            "lr": lr,
+            "loss_fn": loss_fn if isinstance(loss_fn, str | None) else type(loss_fn).__name__,
+            "control_pert": control_pert,
+            "embed_key": embed_key,
+            "output_space": output_space,
+            "gene_names": gene_names,
+            "batch_size": batch_size,
+            "gene_dim": gene_dim,
+            "hvg_dim": hvg_dim,
+            "decoder_cfg": decoder_cfg,
+        }
+        self._hparam_record: dict[str, Any] = {}
+        self.add_hparams(base)
+        self.add_hparams(kwargs)
+
+        self.input_dim = int(input_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.output_dim = int(output_dim)
+        self.pert_dim = int(pert_dim)
+        self.batch_dim = None if batch_dim is None else int(batch_dim)
+        self.dropout = float(dropout)
+        self.lr = float(lr)
+        self.control_pert = control_pert
+        self.embed_key = embed_key
+        self.output_space = output_space
+        self.gene_names = to_plain(gene_names)
+        self.batch_size = batch_size
+        self.gene_dim = int(gene_dim) if gene_dim is not None else None
+        self.hvg_dim = int(hvg_dim) if hvg_dim is not None else None
+        self.decoder_cfg = to_plain(decoder_cfg)
+        self.gene_decoder_bool = bool(kwargs.get("gene_decoder_bool", True))
+        # Registered (as None) up front so the decoder keeps arc-state's first position in the
+        # parameter order even when on_load_checkpoint adds it later.
+        self.register_module("gene_decoder", None)
+        if self.decoder_cfg and self.gene_decoder_bool and output_space in ("gene", "all"):
+            self.gene_decoder = build_gene_decoder(self.decoder_cfg)
+
+    # ----------------------------------------------------------------- hyper-parameters
+    def add_hparams(self, values: Mapping[str, Any]) -> None:
+        """Merge ``values`` into ``hyper_parameters`` (later values win, first position kept)."""
+        self._hparam_record.update(to_plain(dict(values)))
+        self.save_hyperparameters(dict(self._hparam_record))
+        # Lightning's own name for hparams captured from **kwargs; arc-state checkpoints carry it
+        # and load_from_checkpoint then passes hyper_parameters as keyword arguments.
+        self._hparams_name = "kwargs"
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    # ----------------------------------------------------------------- helpers
+    def decode(self, preds: torch.Tensor) -> torch.Tensor | None:
+        """Gene-space counts from latent predictions, or None when there is no decoder."""
+        return None if self.gene_decoder is None else self.gene_decoder(preds)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Default objective for simple baselines: MSE on ``pert_cell_emb`` (+ decoder MSE)."""
+        preds = self(batch, padded=True)
+        loss = nn.functional.mse_loss(preds, batch["pert_cell_emb"])
+        self.log("train_loss", loss, prog_bar=True)
+        if self.gene_decoder is not None and "pert_cell_counts" in batch:
+            decoded = self.gene_decoder(preds.detach())
+            decoder_loss = nn.functional.mse_loss(decoded, batch["pert_cell_counts"])
+            self.log("decoder_loss", decoder_loss)
+            loss = loss + decoder_loss
+        return loss
+
+    def predict_outputs(self, batch: dict[str, Any], *, padded: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Subclass hook: latent predictions [N, output_dim] and extra predict_step keys."""
+        return self(batch, padded=padded), {}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, padded: bool = True, **_: Any):
+        """Run the model on one collated batch and return the spec §4.7 dict.
+
+        ``padded=True``: the batch holds B full sets of ``cell_set_len`` cells (training layout);
+        ``padded=False``: the batch is ONE set of any length (predict / infer).
+        """
+        preds, extra = self.predict_outputs(batch, padded=padded)
+        out: dict[str, Any] = {
+            "preds": preds,
+            "pert_cell_emb": batch.get("pert_cell_emb"),
+            "pert_cell_counts": batch.get("pert_cell_counts"),
+            "pert_name": batch.get("pert_name"),
+            "celltype_name": batch.get("cell_type"),
+            "batch": batch.get("batch"),
+            "ctrl_cell_emb": batch.get("ctrl_cell_emb"),
+            "pert_cell_barcode": batch.get("pert_cell_barcode"),
+            "ctrl_cell_barcode": batch.get("ctrl_cell_barcode"),
+        }
+        out.update(extra)
+        decoded = self.decode(preds)
+        if decoded is not None:
+            out["pert_cell_counts_preds"] = decoded
+        return out
+
+    # ----------------------------------------------------------------- loading
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make ``gene_decoder`` match the checkpoint's weights before they are loaded.
+
+        The layout is read from the weights themselves (arc-state instead guesses widths when a
+        checkpoint lacks ``decoder_cfg``); the saved ``decoder_cfg`` only contributes the dropout.
+        """
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved_cfg = hparams.get("decoder_cfg") if isinstance(hparams, Mapping) else None
+        dropout = float((saved_cfg or {}).get("dropout") or 0.1)
+        wanted = decoder_cfg_from_state_dict(checkpoint.get("state_dict", {}), dropout=dropout)
+        if wanted is None:
+            if self.gene_decoder is not None:
+                log.info("checkpoint has no gene_decoder weights; dropping the decoder")
+            self.gene_decoder = None
+            return
+        if self.gene_decoder is not None:
+            current = decoder_cfg_from_state_dict(self.gene_decoder.state_dict(), prefix="", dropout=dropout)
+            if current == wanted:
+                return
+        if not saved_cfg:
+            log.info("checkpoint has no decoder_cfg; decoder layout taken from its weights: %s", wanted)
+        self.decoder_cfg = wanted
+        self.gene_decoder = build_gene_decoder(wanted).to(next(self.parameters()).device)

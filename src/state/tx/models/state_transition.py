@@ -1,0 +1,295 @@
+"""``StateTransitionPerturbationModel``: the State Transition (ST) LightningModule.
+
+Construction (what ``state tx train`` does, like arc-state's ``get_lightning_module``)::
+
+    StateTransitionPerturbationModel(
+        **model.kwargs,            # cell_set_len, hidden_dim, loss, blur, transformer_backbone_*, lora, decoder_cfg, ...
+        **training,                # lr, batch_size, max_steps, ... (only lr is used here)
+        embed_key=..., output_space=..., gene_names=[...], batch_size=..., control_pert=...,
+        input_dim=..., gene_dim=..., hvg_dim=..., output_dim=..., pert_dim=..., batch_dim=...,
+        basal_mapping_strategy=...,
+    )
+
+Every keyword ends up in ``hyper_parameters`` (same keys as arc-state 0.11.1 for the same config,
+``transformer_backbone_kwargs.n_positions`` set to ``cell_set_len + extra_tokens``). Loading:
+:func:`state.tx.checkpoint.load_state_transition` (safe, no code execution), or Lightning's
+``load_from_checkpoint`` for our own trusted files.
+
+Batches are cell-load dicts (spec §3.7): ``pert_emb`` [N, P], ``ctrl_cell_emb`` [N, D_in],
+``pert_cell_emb`` [N, D_out] (targets), optional ``batch`` (one-hot [N, C] or ints [N]) and
+``pert_cell_counts`` [N, G]. ``padded=True`` (training/validation) reshapes N = B * cell_set_len
+into B sets; ``padded=False`` (test/predict/infer) treats the N cells as one set of any length.
+
+Logged metrics: ``train_loss`` (main loss), ``decoder_loss``, ``train/sinkhorn_loss`` and
+``train/energy_loss`` (loss=se), ``train/batch_token_loss``, ``train/confidence_loss``,
+``train/actual_loss`` (the per-set loss the confidence head predicts), ``train/l1_regularization``,
+``val_loss`` (main loss only; checkpoints are chosen on it), ``val/decoder_loss``,
+``val/confidence_loss``, ``val/actual_loss``, ``test_loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from state.tx.models.base import PerturbationModel, to_plain
+from state.tx.nn.backbones import match_position_table
+from state.tx.nn.losses import SetLoss
+from state.tx.nn.state_transition import StateTransitionNet, TransitionOutput
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+class StateTransitionPerturbationModel(PerturbationModel):
+    """Set transformer predicting perturbed cell states from control cells (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        pert_dim: int,
+        batch_dim: int | None = None,
+        basal_mapping_strategy: str = "random",
+        predict_residual: bool = True,
+        distributional_loss: str = "energy",
+        transformer_backbone_key: str = "llama",
+        transformer_backbone_kwargs: Mapping[str, Any] | None = None,
+        output_space: str = "gene",
+        decoder_cfg: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            input_dim=input_dim,
+            hidden_dim=hidden_dim,
+            output_dim=output_dim,
+            pert_dim=pert_dim,
+            batch_dim=batch_dim,
+            output_space=output_space,
+            decoder_cfg=decoder_cfg,
+            **kwargs,
+        )
+        if kwargs.get("finetune_vci_decoder", False):
+            raise StateError(
+                "finetune_vci_decoder=true is not supported (arc-state loads an SE checkpoint from fixed paths)",
+                hint="set model.kwargs.finetune_vci_decoder=false",
+            )
+        self.cell_set_len = int(kwargs.get("cell_set_len", 128))
+        self.extra_tokens = int(kwargs.get("extra_tokens", 0))
+        backbone_kwargs = to_plain(dict(transformer_backbone_kwargs or {}))
+        backbone_kwargs["n_positions"] = self.cell_set_len + self.extra_tokens
+        self.add_hparams(
+            {
+                "basal_mapping_strategy": basal_mapping_strategy,
+                "predict_residual": predict_residual,
+                "distributional_loss": distributional_loss,
+                "transformer_backbone_key": transformer_backbone_key,
+                "transformer_backbone_kwargs": backbone_kwargs,
+            }
+        )
+        self.basal_mapping_strategy = basal_mapping_strategy
+        self.predict_residual = bool(predict_residual)
+        self.transformer_backbone_key = transformer_backbone_key
+        self.transformer_backbone_kwargs = backbone_kwargs
+
+        use_batch_token = bool(kwargs.get("use_batch_token", False))
+        if use_batch_token and (kwargs.get("batch_encoder", False) or basal_mapping_strategy == "random"):
+            log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
+            use_batch_token = False
+
+        net = StateTransitionNet(
+            input_dim=input_dim,
+            hidden_dim=hidden_dim,
+            output_dim=output_dim,
+            pert_dim=pert_dim,
+            batch_dim=batch_dim,
+            backbone_key=transformer_backbone_key,
+            backbone_kwargs=backbone_kwargs,
+            n_encoder_layers=int(kwargs.get("n_encoder_layers", 2)),
+            n_decoder_layers=int(kwargs.get("n_decoder_layers", 2)),
+            dropout=self.dropout,
+            activation=kwargs.get("activation", "gelu"),
+            use_basal_projection=bool(kwargs.get("use_basal_projection", True)),
+            predict_residual=self.predict_residual,
+            output_space=output_space,
+            use_batch_encoder=bool(kwargs.get("batch_encoder", False)),
+            use_batch_token=use_batch_token,
+            use_confidence_token=bool(kwargs.get("confidence_token", False)),
+            mask_attn=bool(kwargs.get("mask_attn", False)),
+            final_relu=self.embed_key in (None, "X_hvg") or self.gene_decoder is None,
+            lora=kwargs.get("lora"),
+            freeze_backbone=bool(kwargs.get("freeze_pert_backbone", kwargs.get("freeze_pert", False))),
+        )
+        self._adopt(net)
+
+        loss_kind = str(kwargs.get("loss", "energy"))
+        loss_options = {
+            "distributional_loss": distributional_loss,
+            "blur": float(kwargs.get("blur", 0.05)),
+            "sinkhorn_weight": float(kwargs.get("sinkhorn_weight", 0.01)),
+            "energy_weight": float(kwargs.get("energy_weight", 1.0)),
+        }
+        self.loss_fn = SetLoss(
+            loss_kind,
+            num_chunks=int(kwargs.get("mmd_num_chunks", 1) or 1),
+            randomize_chunks=bool(kwargs.get("randomize_mmd_chunks", False)),
+            **loss_options,
+        )
+        self.decoder_loss_fn = SetLoss(loss_kind, **loss_options)
+        self.decoder_weight = float(kwargs.get("decoder_weight", 1.0))
+        self.detach_decoder = bool(kwargs.get("detach_decoder", False))
+        self.batch_token_weight = float(kwargs.get("batch_token_weight", 0.1))
+        self.confidence_weight = float(kwargs.get("confidence_weight", 0.01))
+        self.confidence_target_scale = float(kwargs.get("confidence_target_scale", 10.0))
+        self.regularization = float(kwargs.get("regularization", 0.0) or 0.0)
+
+    def _adopt(self, net: StateTransitionNet) -> None:
+        """Register the net's parts directly on this module so checkpoint keys carry no prefix."""
+        for name, child in net._modules.items():
+            self.register_module(name, child)
+        for name, param in net._parameters.items():
+            self.register_parameter(name, param)
+        object.__setattr__(self, "net", net)  # not a submodule: its parts are registered above
+
+    # ------------------------------------------------------------------ forward
+    def _sets(self, batch: Mapping[str, Any], *, padded: bool) -> tuple[torch.Tensor, ...]:
+        """Reshape flat [N, .] batch tensors into sets [B, S, .]."""
+        pert = batch["pert_emb"]
+        basal = batch["ctrl_cell_emb"]
+        n_cells = pert.shape[0]
+        if padded:
+            if n_cells % self.cell_set_len:
+                raise StateError(
+                    f"a padded batch of {n_cells} cells is not a whole number of sets of cell_set_len="
+                    f"{self.cell_set_len}",
+                    hint="use padded=False for a single set of any length",
+                )
+            shape = (-1, self.cell_set_len)
+        else:
+            shape = (1, n_cells)
+        pert = pert.reshape(*shape, pert.shape[-1]).to(self.device, self.dtype)  # [B, S, P]
+        basal = basal.reshape(*shape, basal.shape[-1]).to(self.device, self.dtype)  # [B, S, D_in]
+        batch_index = None
+        if (self.batch_encoder is not None or self.batch_token is not None) and batch.get(
+            "batch"
+        ) is not None:
+            batch_index = torch.as_tensor(batch["batch"], device=self.device)
+            if batch_index.dim() == 2:  # one-hot [N, C] -> index [N]
+                batch_index = batch_index.argmax(dim=-1)
+            batch_index = batch_index.reshape(shape).long()  # [B, S]
+        return pert, basal, batch_index
+
+    def run(self, batch: Mapping[str, Any], *, padded: bool = True) -> TransitionOutput:
+        """The full network output for a collated batch (preds [B, S, D_out])."""
+        pert, basal, batch_index = self._sets(batch, padded=padded)
+        return self.net(pert, basal, batch_index)
+
+    def forward(self, batch: Mapping[str, Any], padded: bool = True) -> torch.Tensor:
+        preds = self.run(batch, padded=padded).preds  # [B, S, D_out]
+        return preds.reshape(-1, self.output_dim)  # [N, D_out]
+
+    def predict_outputs(self, batch: Mapping[str, Any], *, padded: bool):
+        out = self.run(batch, padded=padded)
+        extra = {} if out.confidence is None else {"confidence_pred": out.confidence}
+        return out.preds.reshape(-1, self.output_dim), extra
+
+    # ------------------------------------------------------------------ losses
+    def _losses(self, batch: Mapping[str, Any], *, padded: bool) -> dict[str, torch.Tensor]:
+        """Every loss term of one batch (scalars); ``n_sets`` is the number of sets."""
+        out = self.run(batch, padded=padded)
+        preds = out.preds  # [B, S, D]
+        n_sets, n_cells = preds.shape[:2]
+        target = batch["pert_cell_emb"].reshape(n_sets, n_cells, -1).to(preds)
+        terms = self.loss_fn.components(preds, target)  # each [B]
+        per_set = terms["total"]
+        losses = {"main": per_set.nanmean(), "n_sets": torch.tensor(n_sets)}
+        if "sinkhorn" in terms:
+            losses["sinkhorn"] = terms["sinkhorn"].nanmean()
+            losses["energy"] = terms["energy"].nanmean()
+
+        if self.gene_decoder is not None and batch.get("pert_cell_counts") is not None:
+            latent = preds
+            if self.detach_decoder:
+                # Train the decoder alone; now and then on true latents to anchor it.
+                latent = target if (self.training and random.random() < 0.1) else preds.detach()
+            decoded = self.gene_decoder(latent)  # [B, S, G]
+            counts = batch["pert_cell_counts"].reshape(n_sets, n_cells, -1).to(decoded)
+            losses["decoder"] = self.decoder_loss_fn(decoded, counts).mean()
+
+        if out.batch_logits is not None and batch.get("batch") is not None:
+            _, _, batch_index = self._sets(batch, padded=padded)
+            logits = out.batch_logits.unsqueeze(1).expand(-1, n_cells, -1)  # [B, S, C]
+            losses["batch_token"] = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch_index.reshape(-1)
+            )
+
+        if out.confidence is not None:
+            actual = per_set.detach().unsqueeze(-1) * self.confidence_target_scale  # [B, 1]
+            losses["confidence"] = nn.functional.mse_loss(out.confidence, actual)
+            losses["actual"] = per_set.detach().nanmean()
+
+        if self.regularization > 0 and preds.shape[-1] == self.input_dim:
+            basal = batch["ctrl_cell_emb"].reshape(n_sets, n_cells, -1).to(preds)
+            losses["l1"] = (preds - basal).abs().mean()
+        return losses
+
+    def _log_terms(self, losses: dict[str, torch.Tensor], names: Mapping[str, str], **options: Any) -> None:
+        n_sets = int(losses["n_sets"])
+        for term, metric in names.items():
+            if term in losses:
+                self.log(metric, losses[term], batch_size=n_sets, **options)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch, padded=True)
+        self._log_terms(losses, {"main": "train_loss"}, prog_bar=True)
+        self._log_terms(
+            losses,
+            {
+                "sinkhorn": "train/sinkhorn_loss",
+                "energy": "train/energy_loss",
+                "decoder": "decoder_loss",
+                "batch_token": "train/batch_token_loss",
+                "confidence": "train/confidence_loss",
+                "actual": "train/actual_loss",
+                "l1": "train/l1_regularization",
+            },
+        )
+        total = losses["main"]
+        if "decoder" in losses:
+            total = total + self.decoder_weight * losses["decoder"]
+        if "batch_token" in losses:
+            total = total + self.batch_token_weight * losses["batch_token"]
+        if "confidence" in losses:
+            total = total + self.confidence_weight * losses["confidence"]
+        if "l1" in losses:
+            total = total + self.regularization * losses["l1"]
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch, padded=True)
+        # val_loss is the main loss only (no decoder term): checkpoints are chosen on it.
+        self._log_terms(losses, {"main": "val_loss"}, prog_bar=True)
+        self._log_terms(
+            losses,
+            {"decoder": "val/decoder_loss", "confidence": "val/confidence_loss", "actual": "val/actual_loss"},
+        )
+        return losses["main"]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch, padded=False)
+        self._log_terms(losses, {"main": "test_loss"})
+        return losses["main"]
+
+    # ------------------------------------------------------------------ loading
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        match_position_table(
+            self.transformer_backbone, checkpoint.get("state_dict", {}), "transformer_backbone."
+        )

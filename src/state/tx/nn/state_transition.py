@@ -1,0 +1,153 @@
+"""The State Transition network as a plain ``nn.Module`` (no Lightning).
+
+One forward call maps B cell sets to predicted perturbed states:
+
+    basal (control) cells [B, S, D_in] --basal_encoder--> c [B, S, H]
+    perturbation vectors  [B, S, P]    --pert_encoder---> p [B, S, H]
+    x = p + c (+ batch_encoder(batch index))  -> optional batch / confidence tokens
+    r = transformer_backbone(x) (cells attend to the set)  [B, S, H]
+    y = project_out(r + c)  (predict_residual)  -> [B, S, D_out], ReLU for expression outputs
+
+Submodule names are the checkpoint keys of arc-state 0.11.1 (``pert_encoder``, ``basal_encoder``,
+``transformer_backbone``, ``project_out``, ``final_down_then_up``, ``batch_encoder``,
+``batch_token``, ``batch_classifier``, ``confidence_token``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from state.tx.nn.backbones import apply_lora, build_backbone, identity_attention_mask
+from state.tx.nn.mlp import activation_class, build_mlp
+from state.tx.nn.tokens import ConfidenceToken, prepend_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TransitionOutput:
+    preds: torch.Tensor  # [B, S, output_dim]
+    confidence: torch.Tensor | None = None  # [B, 1] predicted per-set loss
+    batch_logits: torch.Tensor | None = None  # [B, batch_dim] from the batch token
+
+
+class StateTransitionNet(nn.Module):
+    """Set transformer from control cells + perturbation to perturbed cells."""
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        pert_dim: int,
+        backbone_key: str,
+        backbone_kwargs: Mapping[str, Any],
+        batch_dim: int | None = None,
+        n_encoder_layers: int = 1,
+        n_decoder_layers: int = 1,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        use_basal_projection: bool = True,
+        predict_residual: bool = True,
+        output_space: str = "gene",
+        use_batch_encoder: bool = False,
+        use_batch_token: bool = False,
+        use_confidence_token: bool = False,
+        mask_attn: bool = False,
+        final_relu: bool = True,
+        lora: Mapping[str, Any] | None = None,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        act = activation_class(activation)
+        mlp = {"hidden_dim": hidden_dim, "dropout": dropout, "activation": act}
+        self.predict_residual = bool(predict_residual)
+        self.output_space = output_space
+        self.mask_attn = bool(mask_attn)
+
+        self.pert_encoder = build_mlp(pert_dim, hidden_dim, n_layers=n_encoder_layers, **mlp)
+        if use_basal_projection:
+            self.basal_encoder: nn.Module = build_mlp(input_dim, hidden_dim, n_layers=n_encoder_layers, **mlp)
+        else:
+            self.basal_encoder = nn.Linear(input_dim, hidden_dim)
+
+        backbone = build_backbone(backbone_key, backbone_kwargs)
+        if lora and lora.get("enable", False):
+            backbone = apply_lora(backbone, backbone_key, lora)
+        self.transformer_backbone = backbone
+
+        self.project_out = build_mlp(hidden_dim, output_dim, n_layers=n_decoder_layers, **mlp)
+        self.register_module("final_down_then_up", None)
+        if output_space == "all":
+            bottleneck = max(output_dim // 8, 1)
+            self.final_down_then_up = nn.Sequential(
+                nn.Linear(output_dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, output_dim)
+            )
+
+        self.register_module("batch_encoder", None)
+        if use_batch_encoder and batch_dim:
+            self.batch_encoder = nn.Embedding(int(batch_dim), hidden_dim)
+
+        self.register_module("batch_classifier", None)
+        self.register_parameter("batch_token", None)
+        if use_batch_token and batch_dim:
+            self.batch_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
+            self.batch_classifier = build_mlp(hidden_dim, int(batch_dim), n_layers=1, **mlp)
+
+        self.register_module("confidence_token", None)
+        if use_confidence_token:
+            self.confidence_token = ConfidenceToken(hidden_dim, dropout=dropout)
+
+        self.relu = nn.ReLU() if final_relu else None
+
+        if freeze_backbone:
+            for name, param in self.transformer_backbone.named_parameters():
+                if "lora_" not in name:
+                    param.requires_grad_(False)
+            for param in self.project_out.parameters():
+                param.requires_grad_(False)
+
+    def forward(
+        self,
+        pert: torch.Tensor,
+        basal: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+    ) -> TransitionOutput:
+        n_cells = pert.shape[1]
+        p = self.pert_encoder(pert)  # [B, S, H]
+        c = self.basal_encoder(basal)  # [B, S, H]
+        x = p + c  # [B, S, H]
+        if self.batch_encoder is not None and batch_index is not None:
+            x = x + self.batch_encoder(batch_index.long())  # [B, S] -> [B, S, H]
+
+        n_prefix = 0
+        if self.batch_token is not None:
+            x = prepend_token(x, self.batch_token)  # [B, 1 + S, H]
+            n_prefix = 1
+        if self.confidence_token is not None:
+            x = self.confidence_token.append(x)  # [B, n_prefix + S + 1, H]
+
+        mask = identity_attention_mask(x.shape[1], x.device) if self.mask_attn else None
+        hidden = self.transformer_backbone(inputs_embeds=x, attention_mask=mask).last_hidden_state
+
+        batch_logits = self.batch_classifier(hidden[:, 0]) if self.batch_token is not None else None  # [B, C]
+        confidence = self.confidence_token.score(hidden[:, -1]) if self.confidence_token is not None else None
+        r = hidden[:, n_prefix : n_prefix + n_cells]  # [B, S, H]
+
+        if self.predict_residual and self.final_down_then_up is not None:
+            # output_space "all": residual on the raw input features (input_dim == output_dim).
+            y = self.final_down_then_up(self.project_out(r) + basal)  # [B, S, D_out]
+        elif self.predict_residual:
+            y = self.project_out(r + c)  # [B, S, D_out]
+        else:
+            y = self.project_out(r)  # [B, S, D_out]
+        if self.relu is not None:
+            y = self.relu(y)
+        return TransitionOutput(preds=y, confidence=confidence, batch_logits=batch_logits)
