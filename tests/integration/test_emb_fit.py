@@ -205,11 +205,13 @@ def test_fixture_checkpoint_continues_training(tmp_path):
                 f"dataset.synth.train={rows['train']}", f"dataset.synth.val={rows['val']}",
                 f"experiment.checkpoint.path={tmp_path / 'ckpt'}", "experiment.num_epochs=3",
                 "experiment.val_check_interval=3", "experiment.limit_val_batches=1", "wandb.enable=false",
+                "experiment.checkpoint.every_n_train_steps=3",
                 "model.batch_size=16", "model.emsize=32", "model.d_hid=64", "model.nhead=4", "model.nlayers=2",
                 "model.output_dim=32", "dataset.pad_length=64", "dataset.P=16", "dataset.N=16", "dataset.S=16",
                 "dataset.num_train_workers=0", "dataset.num_val_workers=0",
                 "optimizer.gradient_accumulation_steps=1", "optimizer.max_lr=0.001"])
     assert code == 0
+    print(sorted(p.name for p in run_dir.iterdir()))
     resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 80 + 3  # 48 cells / 16 per batch
 

@@ -3,6 +3,7 @@ including every bad-input path (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -10,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from helpers.synthetic import make_perturbation_adata
 
+from helpers.synthetic import make_perturbation_adata
 from state.__main__ import main
 from state.emb import embed_anndata
 from state.emb.transform import transform
@@ -183,3 +184,16 @@ def test_query_bad_inputs(data_dir, tmp_path, capsys):
     _fails(capsys, "query", "--lancedb", str(data_dir), "--input", str(tmp_path / "q.h5ad"),
            "--output", str(tmp_path / "h.csv"), match="not a LanceDB database")
     assert not (tmp_path / "h.csv").exists()
+
+
+def test_emb_eval_prints_metrics_on_cpu(tmp_path, capsys):
+    adata = make_perturbation_adata(n_cells=120, n_genes=150, seed=3, counts_per_gene=6.0)
+    adata.var_names = [f"SEG{i:03d}" for i in range(150)]
+    adata.write_h5ad(tmp_path / "perturb.h5ad")
+    ckpt = str(SE / "model" / "last.ckpt")
+    assert _run("eval", "--checkpoint", ckpt, "--adata", str(tmp_path / "perturb.h5ad")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"Mean top-200 DE overlap: [01]\.\d{4} over 6 perturbations", out[0]), out
+    assert out[1].startswith("ROC AUC: ") and out[2].startswith("PR AUC: ")
+    _fails(capsys, "eval", "--checkpoint", ckpt, "--adata", str(tmp_path / "perturb.h5ad"), "--pert-col", "nope",
+           match="no obs column 'nope'")

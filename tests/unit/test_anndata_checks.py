@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from helpers.synthetic import make_perturbation_adata
 
+from helpers.synthetic import make_perturbation_adata
 from state.io import anndata_checks as checks
 from state.utils.errors import StateError
 
@@ -110,7 +110,7 @@ def test_value_checks_on_dense_and_integer_matrices():
     ints = np.array([[0, 3], [2, 7]], dtype=np.int64)
     s = checks.check_nonnegative_counts(ints)
     assert not s.has_fractional and s.max_value == 7
-    with pytest.raises(StateError, match="2 negative"):
+    with pytest.raises(StateError, match="3 negative"):
         checks.check_nonnegative_counts(-ints)
     with pytest.raises(StateError, match="1 NaN values"):
         checks.check_finite(np.array([[1.0, np.nan]]), slot="layers['counts']")

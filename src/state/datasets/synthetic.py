@@ -118,7 +118,9 @@ def make_perturbation_adata(
     base = np.exp(log_base) / np.exp(log_base).sum()
     # Knockdowns are only visible on expressed genes: target the better-expressed half.
     expressed = np.argsort(-log_base)[: max(n_perts, n_genes // 2)]
-    targets = np.sort(rng.choice(expressed, size=n_perts, replace=False))
+    named = expressed[expressed < len(_SYMBOLS)]  # prefer real symbols so examples read naturally
+    pool = named if named.size >= n_perts else expressed
+    targets = np.sort(rng.choice(pool, size=n_perts, replace=False))
     pert_names = [genes[t] for t in targets]
     ct_fx, batch_fx, pert_fx = _log_effects(
         rng, n_genes=n_genes, n_perts=n_perts, n_celltypes=n_celltypes, n_batches=n_batches, targets=targets

@@ -176,7 +176,12 @@ def transform(
     from state.emb.checkpoint import load_se_model
     from state.emb.embed import SEEmbedder
     from state.emb.tokenize import SAMPLING_BLOCK, map_genes
-    from state.emb.vectordb import check_database_path, check_table_compatible, record_schema, write_embeddings
+    from state.emb.vectordb import (
+        check_database_path,
+        check_table_compatible,
+        record_schema,
+        write_embeddings,
+    )
     from state.io.atomic import atomic_path, ensure_parent_writable
     from state.utils.progress import progress
 

@@ -1,0 +1,101 @@
+"""`state tx infer` on run directories written by arc-state 0.11.1 reproduces its outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from state.__main__ import main
+from state.io.safe_load import safe_torch_load
+from state.tx.infer import plan_windows
+
+FIX = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
+INPUT = FIX / "state_llama" / "infer_input.h5ad"
+
+
+def _infer(tmp_path: Path, model: str, *extra: str, output: str = "out.h5ad") -> Path:
+    out = tmp_path / output
+    argv = ["tx", "infer", "--model-dir", str(FIX / model / "run"), "--adata", str(INPUT), "--pert-col", "gene",
+            "--embed-key", "X_hvg", "--output", str(out), "--seed", "42", "--quiet", *extra]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["state_llama", "state_gpt2"])
+def test_infer_matches_arc_state_output(tmp_path, model):
+    got = ad.read_h5ad(_infer(tmp_path, model))
+    expected = ad.read_h5ad(FIX / model / "infer_expected.h5ad")
+    np.testing.assert_allclose(got.obsm["X_hvg"], expected.obsm["X_hvg"], atol=1e-5, rtol=1e-5)
+    assert list(got.obs_names) == list(expected.obs_names)
+    assert (got.X != expected.X).nnz == 0  # X is left untouched when an embed key is used
+    assert got.obs.equals(expected.obs)
+
+
+def test_window_plan_replays_arc_state_trace():
+    trace = np.load(FIX / "state_llama" / "infer_trace.npz")
+    adata = ad.read_h5ad(INPUT)
+    windows, _ = plan_windows(adata.obs["gene"].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy(),
+                              control="non-targeting", set_len=16, seed=42)
+    assert len(windows) == trace["call_group"].size
+    np.testing.assert_array_equal(np.concatenate([w.rows for w in windows]), trace["call_rows"])
+    np.testing.assert_array_equal(np.concatenate([w.basal for w in windows]), trace["call_ctrl_rows"])
+
+
+def test_perturb_mean_baseline_infers(tmp_path):
+    # arc-state 0.11.1 cannot infer with mean baselines; ours predicts control + per-perturbation offset.
+    got = ad.read_h5ad(_infer(tmp_path, "perturb_mean"))
+    trace = np.load(FIX / "state_llama" / "infer_trace.npz")
+    offsets = safe_torch_load(FIX / "perturb_mean" / "run" / "checkpoints" / "final.ckpt")["pert_mean_offsets"]
+    source = ad.read_h5ad(INPUT)
+    labels = source.obs["gene"].astype(str).to_numpy()
+    for row, ctrl in zip(trace["call_rows"], trace["call_ctrl_rows"], strict=True):
+        offset = np.asarray(offsets.get(labels[row], 0.0), dtype=np.float32)
+        expected = np.clip(source.obsm["X_hvg"][ctrl] + offset, 0, 14)
+        np.testing.assert_allclose(got.obsm["X_hvg"][row], expected, atol=1e-5)
+
+
+def test_infer_is_deterministic_and_npy_matches(tmp_path):
+    first = ad.read_h5ad(_infer(tmp_path, "state_llama", output="a.h5ad")).obsm["X_hvg"]
+    second = ad.read_h5ad(_infer(tmp_path, "state_llama", output="b.h5ad")).obsm["X_hvg"]
+    assert np.array_equal(first, second)
+    npy = np.load(_infer(tmp_path, "state_llama", output="c.npy"))
+    assert np.array_equal(npy, first)
+    other_seed = ad.read_h5ad(_infer(tmp_path, "state_llama", "--seed", "7", output="d.h5ad")).obsm["X_hvg"]
+    assert not np.array_equal(first, other_seed)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pert-col", "nope"], "--pert-col 'nope'"),
+        (["--control-pert", "ABSENT"], "control label 'ABSENT'"),
+        (["--embed-key", "X_missing"], "obsm['X_missing']"),
+        (["--celltype-col", "nope"], "--celltype-col 'nope'"),
+        (["--output", "out.txt"], "must end in .h5ad or .npy"),
+    ],
+)
+def test_infer_bad_input_is_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "out.h5ad"
+    base = {"--model-dir": str(FIX / "state_llama" / "run"), "--adata": str(INPUT), "--pert-col": "gene",
+            "--embed-key": "X_hvg", "--output": str(out)}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = str(tmp_path / value) if flag == "--output" else value
+    argv = ["tx", "infer", *[x for kv in base.items() for x in kv]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_infer_refuses_width_mismatch(tmp_path, capsys):
+    # .X has 256 genes, the model was trained on 64-d X_hvg: say so instead of a shape error.
+    out = tmp_path / "o.h5ad"
+    rc = main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(INPUT),
+               "--pert-col", "gene", "--output", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "256 columns but the model expects 64" in err and "--embed-key X_hvg" in err
+    assert not out.exists()
