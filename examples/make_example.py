@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 
 from state.datasets.synthetic import add_embedding, default_splits, make_perturbation_adata, write_toml
+from state.io.atomic import atomic_write_h5ad
 from state.tx.preprocess import preprocess_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def main() -> int:
         processed = preprocess_train(raw, Path(tmp) / "processed.h5ad", num_hvgs=NUM_HVGS)
         adata = ad.read_h5ad(processed)
     add_embedding(adata, embed_dim=EMBED_DIM, key="X_emb", seed=SETTINGS["seed"])
-    adata.write_h5ad(target, compression="gzip")  # h5py (and so cell-load) reads gzip transparently
+    # Atomic: readers of the old file (a running training) keep it; h5py/cell-load read gzip transparently.
+    atomic_write_h5ad(adata, target, compression="gzip")
 
     celltypes = sorted(adata.obs["cell_type"].cat.categories)
     perts = sorted(p for p in adata.obs["gene"].cat.categories if p != "non-targeting")

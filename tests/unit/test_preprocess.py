@@ -67,6 +67,27 @@ def test_preprocess_train_matches_scanpy(tmp_path, sparse):
     np.testing.assert_array_equal(got.var_names, raw.var_names)
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+def test_chunked_processing_matches_scanpy(tmp_path, monkeypatch, sparse):
+    # Production chunks are larger than test data; shrink them so every chunked loop runs many times.
+    from state.tx import preprocess
+
+    monkeypatch.setattr(preprocess, "_ROW_CHUNK", 37)
+    monkeypatch.setattr(preprocess, "_NNZ_CHUNK", 1000)
+    raw = make_perturbation_adata(seed=5, sparse=sparse)
+    raw.X[:2] *= 0  # two empty cells: they stay zero, and take part in the median as in scanpy
+    if sparse:
+        raw.X.eliminate_zeros()
+    raw.write_h5ad(tmp_path / "raw.h5ad")
+    got = ad.read_h5ad(preprocess_train(tmp_path / "raw.h5ad", tmp_path / "out.h5ad", num_hvgs=30))
+    ref = _scanpy_reference(raw, 30)
+    np.testing.assert_allclose(_dense(got.X), _dense(ref.X), rtol=1e-6, atol=1e-6)
+    assert not _dense(got.X)[:2].any()
+    np.testing.assert_array_equal(got.var["highly_variable"], ref.var["highly_variable"])
+    np.testing.assert_allclose(got.var["dispersions_norm"], ref.var["dispersions_norm"], rtol=1e-5)
+    np.testing.assert_array_equal(got.obsm["X_hvg"], _dense(got.X)[:, got.var["highly_variable"].to_numpy()])
+
+
 def test_normalized_rows_sum_to_median_total(processed_path, raw_path):
     raw = ad.read_h5ad(raw_path)
     target = np.median(np.asarray(raw.X.sum(axis=1)).ravel())

@@ -94,6 +94,8 @@ def fit(cfg: DictConfig) -> FitResult:
         save_top_k=int(exp.checkpoint.get("save_top_k", 2)),
         monitor=exp.checkpoint.get("monitor", "validation/val_loss"),
         every_n_train_steps=int(exp.checkpoint.get("every_n_train_steps", 1000)),
+        # Always overwrite last.ckpt (never last-v1.ckpt): resuming looks for exactly that name.
+        enable_version_counter=False,
     )
     callbacks: list[Callback] = [checkpointing]
     if cfg.optimizer.get("reset_lr_on_restart", False):
@@ -133,6 +135,9 @@ def fit(cfg: DictConfig) -> FitResult:
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(model, datamodule=data, ckpt_path=resume)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
+    log.info("trained %d steps on %d process(es) (%s, %s)", trainer.global_step, trainer.world_size,
+             backend, trainer.strategy.root_device)
 
     final = Path(str(exp.checkpoint.path)) / f"{name}_final.pt"
     trainer.save_checkpoint(final, weights_only=False)

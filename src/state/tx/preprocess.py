@@ -33,7 +33,8 @@ _NNZ_CHUNK = 1 << 21
 _LOG1P_HINT = "pass --input-is-log1p if X is already normalized and log1p-transformed"
 
 
-def _rows(n: int, chunk: int = _ROW_CHUNK):
+def _rows(n: int):
+    chunk = _ROW_CHUNK  # read at call time so tests can shrink it
     for start in range(0, n, chunk):
         yield slice(start, min(start + chunk, n))
 
@@ -112,6 +113,11 @@ def _row_block(X, rows: slice):
     )
 
 
+def _warn_zero_count_cells(totals: np.ndarray) -> None:
+    if not np.all(totals):
+        log.warning("%d cells have zero counts; they stay all-zero", int(np.sum(totals == 0)))
+
+
 def _normalize_total_csr(X) -> None:
     """``sc.pp.normalize_total`` (median target) on CSR ``X``, in place, one block of rows at a time.
 
@@ -124,8 +130,7 @@ def _normalize_total_csr(X) -> None:
     totals = np.concatenate([np.asarray(_row_block(X, r).sum(axis=1), dtype=X.dtype).ravel()
                              for r in _rows(X.shape[0])])
     target = np.median(totals)  # scanpy's CSR path takes the median over all cells
-    if not totals.all():
-        log.warning("%d cells have zero counts; they stay all-zero", int((totals == 0).sum()))
+    _warn_zero_count_cells(totals)
     for rows in _rows(X.shape[0]):
         block = _row_block(X, rows)
         lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
@@ -185,7 +190,10 @@ def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, p
         if sp.issparse(adata.X):
             _normalize_total_csr(adata.X)
         else:
-            sc.pp.normalize_total(adata, inplace=True)
+            _warn_zero_count_cells(adata.X.sum(axis=1))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # reported once, through logging, above
+                sc.pp.normalize_total(adata, inplace=True)
         sc.pp.log1p(adata)
     adata.uns.setdefault("log1p", {"base": None})
 
