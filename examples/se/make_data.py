@@ -40,7 +40,7 @@ def main() -> None:
                        config_file=Path(tmp) / "profile.yaml", all_embeddings="gene_embeddings.pt")
     finally:
         os.chdir(cwd)
-    for name in ("train.csv", "val.csv"):
+    for name in ("train.csv", "val.csv", "gene_embeddings.pt"):  # inputs; the profile has copies
         (data / name).unlink()
     print(f"wrote {data}")
 

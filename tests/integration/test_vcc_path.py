@@ -1,0 +1,76 @@
+"""The Virtual Cell Challenge path on a small scale: train, infer --tsv, check, `cell-eval prep`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from helpers.synthetic import make_processed_dataset, write_toml
+
+from state.__main__ import main
+from state.tx.vcc import check_submission, read_gene_list
+from state.utils.errors import StateError
+
+
+@pytest.fixture(scope="module")
+def vcc_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vcc")
+    data = make_processed_dataset(root, n_cells=360, n_genes=40, n_perts=5, n_celltypes=1, n_hvgs=20,
+                                  pert_col="target_gene", batch_col="batch_var", seed=3)
+    adata = ad.read_h5ad(data)
+    perts = sorted(set(adata.obs["target_gene"].astype(str)) - {"non-targeting"})
+    cell_line = adata.obs["cell_type"].astype(str).iloc[0]
+    toml = write_toml(root / "split.toml", dataset_name="vcc", data_path=data, pert_col="target_gene",
+                      fewshot={cell_line: {"val": perts[:1], "test": perts[1:3]}})
+    overrides = [
+        f"data.kwargs.toml_config_path={toml}", "data.kwargs.pert_col=target_gene",
+        "data.kwargs.batch_col=batch_var", "data.kwargs.control_pert=non-targeting",
+        "data.kwargs.embed_key=null", "data.kwargs.output_space=all", "data.kwargs.num_workers=0",
+        "model=state_tiny", "training=debug", "training.max_steps=4", "training.val_freq=2",
+        "use_wandb=false", f"output_dir={root}", "name=run",
+    ]
+    assert main(["tx", "train", *overrides]) == 0
+    return root, adata, perts
+
+
+def test_vcc_submission_from_control_template(vcc_run, tmp_path):
+    root, adata, perts = vcc_run
+    template = adata[adata.obs["target_gene"].astype(str) == "non-targeting"].copy()
+    template_path = tmp_path / "controls.h5ad"
+    template.write_h5ad(template_path)
+    tsv = tmp_path / "pert_counts.tsv"
+    tsv.write_text("perturbation\tnum_cells\n" + "".join(f"{p}\t{5 + i}\n" for i, p in enumerate(perts)))
+    out = tmp_path / "prediction.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(root / "run"), "--adata", str(template_path),
+                 "--pert-col", "target_gene", "--tsv", str(tsv), "--output", str(out), "--quiet"]) == 0
+    pred = ad.read_h5ad(out)
+    counts = pred.obs["target_gene"].astype(str).value_counts()
+    assert all(counts[p] == 5 + i for i, p in enumerate(perts))
+    assert counts["non-targeting"] == template.n_obs
+    assert pred.X.dtype == np.float32 and 0 <= pred.X.min() and pred.X.max() <= 14
+
+    genes_csv = tmp_path / "gene_names.csv"
+    genes_csv.write_text("\n".join(adata.var_names) + "\n")
+    genes = read_gene_list(genes_csv)
+    check_submission(out, genes)  # raises on any problem
+    with pytest.raises(StateError, match="different order"):
+        check_submission(pred[:, ::-1].copy(), genes)
+    raw = pred.copy()
+    raw.X = np.round(np.expm1(raw.X) * 10).astype(np.float32)
+    with pytest.raises(StateError, match="raw counts"):
+        check_submission(raw, genes)
+
+    cell_eval = Path(sys.executable).with_name("cell-eval")
+    if shutil.which("zstd") is None or not cell_eval.exists():
+        pytest.skip("cell-eval prep needs zstd and the cell-eval console script")
+    vcc = tmp_path / "prediction.prep.vcc"
+    subprocess.run([str(cell_eval), "prep", "-i", str(out), "-g", str(genes_csv), "-o", str(vcc),
+                    "--expected-gene-dim", "-1"], check=True, capture_output=True)
+    with tarfile.open(vcc) as tar:
+        assert set(tar.getnames()) == {"pred.h5ad.zst", "watermark.txt"}
