@@ -14,6 +14,7 @@ import argparse
 import datetime
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,11 @@ def checkpoint_dir(cfg) -> Path:
     return Path(str(cfg.experiment.checkpoint.path)) / str(cfg.experiment.name)
 
 
-def fit(cfg: DictConfig) -> FitResult:
-    """Train (or resume training) the SE model described by ``cfg``."""
+def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Train (or resume training) the SE model described by ``cfg``.
+
+    ``extra_callbacks`` are added to the trainer's (benchmarks use it for timing).
+    """
     cfg = cfg.copy()
     embedding_profile(cfg)  # clear errors for unset embeddings.current / dataset.current
     dataset_profile(cfg)
@@ -97,7 +101,7 @@ def fit(cfg: DictConfig) -> FitResult:
         # Always overwrite last.ckpt (never last-v1.ckpt): resuming looks for exactly that name.
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [checkpointing]
+    callbacks: list[Callback] = [checkpointing, *extra_callbacks]
     if cfg.optimizer.get("reset_lr_on_restart", False):
         callbacks.append(ResetLearningRate(float(cfg.optimizer.max_lr)))
     if cfg.model.get("ema", False):

@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,10 @@ class RunCSVLogger(CSVLogger):
                 reader = csv.DictReader(fh)
                 header = list(reader.fieldnames or [])
                 kept = [row for row in reader if _row_step(row) < self._keep_before]
-        writer = super().experiment
+        with warnings.catch_warnings():
+            # Lightning warns that it will delete metrics.csv; the rows we keep are written back.
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            writer = super().experiment
         if kept:
             writer.metrics = kept + writer.metrics
             writer.metrics_keys = sorted(set(header) | set(writer.metrics_keys))

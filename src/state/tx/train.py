@@ -160,7 +160,8 @@ def _loggers(plain: Mapping[str, Any], run_dir: Path, resume_step: int | None) -
     return loggers
 
 
-def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers: list, model_name: str):
+def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers: list, model_name: str,
+             strategy: Any):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -186,7 +187,7 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
     return pl.Trainer(
         accelerator="auto",
         devices=training.get("devices", 1),
-        strategy=training.get("strategy", "auto"),
+        strategy=strategy,
         precision=training.get("precision") or "32-true",
         max_steps=max_steps,
         check_val_every_n_epoch=None,
@@ -202,6 +203,16 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
         default_root_dir=str(run_dir),
         log_every_n_steps=int(log_every),
     )
+
+
+def _strategy(requested: Any, model: Any, dm: Any) -> Any:
+    """DDP refuses parameters that get no gradient; the gene decoder gets none when the data carry no
+    expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones."""
+    decoder_idle = getattr(model, "gene_decoder", None) is not None and not getattr(dm, "store_raw_expression", True)
+    if requested == "ddp" and decoder_idle:
+        log.info("strategy ddp -> ddp_find_unused_parameters_true: the gene decoder has no targets in this data")
+        return "ddp_find_unused_parameters_true"
+    return requested
 
 
 def _max_steps(plain: Mapping[str, Any]) -> int:
@@ -223,10 +234,10 @@ def train(cfg: Any) -> TrainResult:
     import lightning.pytorch as pl
     import torch
 
+    model_name = (cfg.get("model") or {}).get("name")
+    registry.model_class(model_name)  # unknown / unimplemented models fail before any other check
     _validate(cfg)
     plain = _plain_config(cfg)
-    model_name = plain["model"].get("name")
-    registry.model_class(model_name)  # unknown / unimplemented models fail before any work
     training = plain["training"]
     is_rank_zero = global_rank() == 0
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
@@ -272,11 +283,14 @@ def train(cfg: Any) -> TrainResult:
 
     resume_step = _resume_step(plan.resume_from)
     loggers = _loggers(plain, run_dir, resume_step) if is_rank_zero else []
-    trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name)
+    strategy = _strategy(training.get("strategy", "auto"), model, dm)
+    trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
+                       strategy=strategy)
     trainer.fit(model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
 
     final = ckpt_dir / "final.ckpt"
-    if not final.exists():
+    # save_checkpoint is collective under DDP: every rank must take rank 0's decision.
+    if trainer.strategy.broadcast(not final.exists(), src=0):
         trainer.save_checkpoint(str(final), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return TrainResult(

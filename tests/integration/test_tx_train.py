@@ -1,0 +1,231 @@
+"""`state tx train` end to end on CPU: run-dir contents, arc-state equivalence, resume, crash safety,
+DDP, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.synthetic import make_processed_dataset, write_toml
+from state.cli import run as cli_run
+from state.io.safe_load import safe_pickle_load, safe_torch_load
+from state.tx.config import compose_tx_config
+from state.tx.train import train
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
+ARC_FILES = ("config.yaml", "data_module.torch", "var_dims.pkl", "pert_onehot_map.pt", "cell_type_onehot_map.torch",
+             "batch_onehot_map.torch", "version_0/metrics.csv", "version_0/hparams.yaml", "checkpoints/last.ckpt",
+             "checkpoints/final.ckpt")
+OUR_FILES = ("var_dims.json", "vocab/perturbations.json", "vocab/cell_types.json", "vocab/batches.json",
+             "vocab/genes.tsv")
+# The tiny llama State Transition model of the arc-state fixture tx/state_llama (see its README).
+TINY_STATE = ["model=state", "model.kwargs.cell_set_len=8", "model.kwargs.hidden_dim=32",
+              "model.kwargs.transformer_backbone_kwargs.intermediate_size=64",
+              "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=2",
+              "model.kwargs.transformer_backbone_kwargs.num_attention_heads=4",
+              "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=4",
+              "model.kwargs.transformer_backbone_kwargs.head_dim=8", "+model.kwargs.decoder_hidden_dims=[48,48]"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data = make_processed_dataset(root / "data", n_cells=240, n_genes=40, n_hvgs=16, n_perts=4, seed=0)
+    toml = write_toml(root / "split.toml", dataset_name="synth", data_path=data, kind="fewshot")
+    return {"root": root, "data": data, "toml": toml}
+
+
+def _data_overrides(toml: Path, **extra: str) -> list[str]:
+    base = {"data.kwargs.toml_config_path": str(toml), "data.kwargs.embed_key": "X_hvg",
+            "data.kwargs.output_space": "gene", "data.kwargs.num_workers": "0",
+            "data.kwargs.control_pert": "non-targeting", "use_wandb": "false"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _train_args(synth, out: Path, name: str, *more: str, steps: int = 4) -> list[str]:
+    return [*_data_overrides(synth["toml"]), f"output_dir={out}", f"name={name}", f"training.max_steps={steps}",
+            "training.val_freq=2", "training.batch_size=2", *more]
+
+
+# ------------------------------------------------------------------ same config as arc-state's fixtures
+
+
+@pytest.fixture(scope="module")
+def fixture_toml(tmp_path_factory):
+    data = FIXTURES / "state_llama" / "data" / "processed"
+    if not data.is_dir():
+        pytest.skip("tx/state_llama fixture data not copied")
+    toml = tmp_path_factory.mktemp("fx") / "split_fewshot.toml"
+    toml.write_text(f'[datasets]\nsynth = "{data}"\n[training]\nsynth = "train"\n'
+                    '[fewshot."synth.ctB"]\nval = ["TXG0023", "TXG0035"]\ntest = ["TXG0057", "TXG0062"]\n')
+    return toml
+
+
+@pytest.mark.parametrize(("model", "stats_key"), [("perturb_mean", "pert_mean_offsets"),
+                                                  ("context_mean", "celltype_pert_means")])
+def test_mean_baseline_run_matches_arc_state(model, stats_key, fixture_toml, tmp_path, caplog):
+    """The fixture's own command on its own data: same files, same hparams, same statistics."""
+    overrides = [*_data_overrides(fixture_toml, **{"data.kwargs.batch_col": "gem_group"}),
+                 "training.max_steps=50", "training.val_freq=25", "training.ckpt_every_n_steps=25",
+                 "training.batch_size=4", f"model={model}", "model.kwargs.cell_set_len=16",
+                 "model.kwargs.hidden_dim=32", "+model.kwargs.decoder_hidden_dims=[48,48]",
+                 "name=run", f"output_dir={tmp_path}", "use_wandb=true"]  # W&B is disabled in tests: must warn
+    with caplog.at_level("WARNING", logger="state"):
+        result = train(compose_tx_config(overrides))
+    assert "WANDB_MODE=disabled" in caplog.text
+    run = result.run_dir
+    for name in ARC_FILES + OUR_FILES:
+        assert (run / name).is_file(), name
+    ours = safe_torch_load(run / "checkpoints" / "final.ckpt")
+    ref = safe_torch_load(FIXTURES / model / "run" / "checkpoints" / "final.ckpt")
+    assert ours["global_step"] == 1  # statistics baselines run a single step
+    assert ours["hyper_parameters"] == ref["hyper_parameters"]
+    assert set(ours) == set(ref)
+    for key, value in ref[stats_key].items():
+        np.testing.assert_allclose(ours[stats_key][key], value, atol=1e-5)
+    for key, value in ref["state_dict"].items():  # same seed -> same initial decoder weights
+        assert torch.equal(ours["state_dict"][key], value), key
+    ref_dm = safe_torch_load(FIXTURES / model / "run" / "data_module.torch")
+    ours_dm = safe_torch_load(run / "data_module.torch")
+    assert set(ours_dm) == set(ref_dm)
+    assert {k: v for k, v in ours_dm.items() if k != "toml_config_path"} == {
+        k: v for k, v in ref_dm.items() if k != "toml_config_path"}
+    ref_dims = safe_pickle_load(FIXTURES / model / "run" / "var_dims.pkl")
+    ours_dims = safe_pickle_load(run / "var_dims.pkl")
+    assert ours_dims.keys() == ref_dims.keys()
+    assert [str(p) for p in ours_dims["pert_names"]] == [str(p) for p in ref_dims["pert_names"]]
+    assert list(ours_dims["gene_names"]) == list(ref_dims["gene_names"])
+    for file_name in ("pert_onehot_map.pt", "cell_type_onehot_map.torch", "batch_onehot_map.torch"):
+        ours_map, ref_map = safe_torch_load(run / file_name), safe_torch_load(FIXTURES / model / "run" / file_name)
+        assert list(ours_map) == list(ref_map) and all(torch.equal(ours_map[k], ref_map[k]) for k in ref_map)
+
+
+# ------------------------------------------------------------------ the State Transition model
+
+
+def test_state_model_trains_resumes_and_survives_a_crash(synth, tmp_path, monkeypatch):
+    args = _train_args(synth, tmp_path, "st", *TINY_STATE)
+    first = train(compose_tx_config(args))
+    run = first.run_dir
+    for name in (*ARC_FILES, "checkpoints/best.ckpt", *OUR_FILES):
+        assert (run / name).is_file(), name
+    assert first.global_step == 4 and set(first.checkpoint_paths) == {"best.ckpt", "last.ckpt", "final.ckpt"}
+    assert np.isfinite(first.metrics["val_loss"]) and "train/gradient_norm" in first.metrics
+    ckpt = safe_torch_load(run / "checkpoints" / "last.ckpt")
+    reference = safe_torch_load(FIXTURES / "state_llama" / "run" / "checkpoints" / "final.ckpt")
+    assert set(ckpt["hyper_parameters"]) == set(reference["hyper_parameters"])
+    assert set(ckpt) == set(reference)
+    # the fixture also had model.kwargs.batch_encoder=true
+    assert ckpt["state_dict"].keys() == reference["state_dict"].keys() - {"batch_encoder.weight"}
+
+    # resume: same name without overwrite continues from last.ckpt with its optimizer state
+    resumed = train(compose_tx_config(_train_args(synth, tmp_path, "st", *TINY_STATE, steps=6)))
+    assert resumed.resumed_from == run / "checkpoints" / "last.ckpt" and resumed.global_step == 6
+    last = safe_torch_load(run / "checkpoints" / "last.ckpt")
+    adam_steps = {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {6.0}  # 4 restored + 2 new; a fresh optimizer would say 2
+    steps_logged = [line.split(",")[1] for line in (run / "version_0" / "metrics.csv").read_text().splitlines()[1:]]
+    assert "1" in steps_logged and "5" in steps_logged  # rows from before the resume are kept
+
+    # crash in the middle of writing last.ckpt: the previous file stays intact and loadable
+    from state.tx import callbacks
+
+    def half_then_crash(self, checkpoint, fh):
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise RuntimeError("simulated crash while saving")
+
+    monkeypatch.setattr(callbacks.AtomicCheckpointIO, "write_checkpoint", half_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_tx_config(_train_args(synth, tmp_path, "st", *TINY_STATE, steps=8)))
+    assert safe_torch_load(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    again = train(compose_tx_config(_train_args(synth, tmp_path, "st", *TINY_STATE, steps=8)))
+    assert again.global_step == 8 and safe_torch_load(run / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
+def test_ddp_on_two_cpu_processes(synth, tmp_path):
+    """training.devices=2 training.strategy=ddp: Lightning re-launches the CLI for rank 1 (gloo on CPU)."""
+    args = _train_args(synth, tmp_path, "ddp", *TINY_STATE, "training.devices=2", "training.strategy=ddp", steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "state", "tx", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MEMBER: 2/2" in proc.stderr
+    ckpt = safe_torch_load(tmp_path / "ddp" / "checkpoints" / "final.ckpt")
+    assert ckpt["global_step"] == 3
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+
+
+def _toml(root: Path, text: str) -> Path:
+    path = root / f"bad_{abs(hash(text))}.toml"
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "toml_missing": (lambda s: {"data.kwargs.toml_config_path": "/nonexistent/split.toml"}, "split.toml"),
+    "toml_syntax": (lambda s: {"data.kwargs.toml_config_path": _toml(s["root"], "[datasets\nx = 1\n")}, "parsed"),
+    "dataset_path_missing": (lambda s: {"data.kwargs.toml_config_path": _toml(
+        s["root"], '[datasets]\nsynth = "/nonexistent/data"\n[training]\nsynth = "train"\n')}, "/nonexistent/data"),
+    "celltype_absent": (lambda s: {"data.kwargs.toml_config_path": _toml(
+        s["root"], f'[datasets]\nsynth = "{s["data"]}"\n[training]\nsynth = "train"\n'
+                   '[zeroshot]\n"synth.Neuron" = "test"\n')}, "Neuron"),
+    "perturbation_absent": (lambda s: {"data.kwargs.toml_config_path": _toml(
+        s["root"], f'[datasets]\nsynth = "{s["data"]}"\n[training]\nsynth = "train"\n'
+                   '[fewshot."synth.K562"]\nval = []\ntest = ["NOPE1"]\n')}, "NOPE1"),
+    "control_absent": (lambda s: {"data.kwargs.control_pert": "DMSO"}, "control_pert"),
+    "pert_col_missing": (lambda s: {"data.kwargs.pert_col": "drug"}, "data.kwargs.pert_col"),
+    "cell_type_key_missing": (lambda s: {"data.kwargs.cell_type_key": "celltype"}, "data.kwargs.cell_type_key"),
+    "batch_col_missing": (lambda s: {"data.kwargs.batch_col": "plate"}, "data.kwargs.batch_col"),
+    "embed_key_missing": (lambda s: {"data.kwargs.embed_key": "X_uce"}, "X_uce"),
+    "model_unknown": (lambda s: {"model.name": "transformer"}, "transformer"),
+    "model_not_implemented": (lambda s: {"model": "embedsum"}, "not implemented"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(case, synth, tmp_path, capsys):
+    make_overrides, expected = BAD_INPUTS[case]
+    overrides = {k: str(v) for k, v in make_overrides(synth).items()}
+    model = overrides.pop("model", "perturb_mean")
+    args = [*_data_overrides(synth["toml"], **overrides), f"output_dir={tmp_path}", "name=run", f"model={model}"]
+    code = cli_run(["tx", "train", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_with_overwrite_leaves_existing_run_untouched(synth, tmp_path, capsys):
+    existing = tmp_path / "run"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    code = cli_run(["tx", "train", *_data_overrides(synth["toml"], **{"data.kwargs.control_pert": "DMSO"}),
+                    f"output_dir={tmp_path}", "name=run", "overwrite=true", "model=perturb_mean"])
+    assert code == 2 and "control_pert" in capsys.readouterr().err
+    assert (existing / "keep.txt").read_text() == "precious"
+
+
+def test_existing_run_dir_without_checkpoint_asks_for_overwrite(synth, tmp_path, capsys):
+    existing = tmp_path / "run"
+    existing.mkdir()
+    (existing / "config.yaml").write_text("name: run\n")
+    code = cli_run(["tx", "train", *_data_overrides(synth["toml"]), f"output_dir={tmp_path}", "name=run",
+                    "model=perturb_mean"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "overwrite=true" in err[0]
+    assert sorted(p.name for p in existing.iterdir()) == ["config.yaml"]
