@@ -11,12 +11,13 @@ def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
 
 def add_parser(commands) -> None:
     tx = commands.add_parser("tx", help="State Transition model: train, predict, infer, preprocess")
-    sub = tx.add_subparsers(dest="subcommand", required=True, metavar="{train,predict,infer,preprocess_train,preprocess_infer}")
+    sub = tx.add_subparsers(dest="subcommand", required=True, metavar="{train,predict,infer,preprocess_train,preprocess_infer,stats}")
     _add_train(sub)
     _add_predict(sub)
     _add_infer(sub)
     _add_preprocess_train(sub)
     _add_preprocess_infer(sub)
+    _add_stats(sub)
 
 
 def _add_train(sub) -> None:
@@ -103,3 +104,19 @@ def _add_preprocess_infer(sub) -> None:
     p.add_argument("--pert_col", "--pert-col", dest="pert_col", required=True, help="obs column with perturbations")
     p.add_argument("--seed", type=int, default=42, help="RNG seed for control sampling")
     p.set_defaults(handler="state.tx.cli_handlers:preprocess_infer")
+
+
+def _add_stats(sub) -> None:
+    # Not in arc-state: summary tables and plots of a perturbation screen.
+    p = sub.add_parser("stats", help="per-gene and per-perturbation statistics of an h5ad, as CSVs and plots")
+    p.add_argument("--adata", required=True, help="input h5ad (statistics of X as stored)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
+                   help="folder for the CSV tables and PNG figures")
+    p.add_argument("--pert-col", "--pert_col", dest="pert_col", default="gene", help="obs column with perturbations")
+    p.add_argument("--control-pert", "--control_pert", dest="control_pert", default="non-targeting",
+                   help="control label in --pert-col")
+    p.add_argument("--celltype-col", "--celltype_col", dest="celltype_col", default=None,
+                   help="obs column with cell types: counts per cell type, deltas against same-type controls")
+    p.add_argument("--top-n", "--top_n", dest="top_n", type=int, default=20,
+                   help="changed genes listed per perturbation in top_genes.csv")
+    p.set_defaults(handler="state.tx.cli_handlers:stats")

@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 self.write_checkpoint(checkpoint, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            tmp.replace(target)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -266,8 +266,6 @@ def make_wandb_logger(*, run_name: str, project: str, entity: str | None, save_d
         )
         return None
     try:
-        from lightning.pytorch.loggers import WandbLogger
-
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         logger = _SafeWandbLogger(name=run_name, project=project, entity=entity, dir=str(save_dir), tags=tags)
         logger.experiment.config.update(config, allow_val_change=True)

@@ -58,3 +58,9 @@ def preprocess_infer(args: argparse.Namespace) -> int:
     )
     log.info("wrote %s", out)
     return 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    from state.tx.stats import stats_cli
+
+    return stats_cli(args)

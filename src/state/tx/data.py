@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,8 @@ class _FileFacts:
     """What one h5 file holds, read from its obs/obsm metadata only."""
 
     path: Path
-    perturbations: set[str] = field(default_factory=set)
-    cell_types: set[str] = field(default_factory=set)
+    perturbations: set[str] | None = None  # None: the column could not be read (reported already)
+    cell_types: set[str] | None = None
 
 
 def _decode(values: np.ndarray) -> set[str]:
@@ -99,7 +99,7 @@ def dataset_files(path_spec: str) -> list[Path]:
                 f"{pattern.rstrip('/')}/*.h5ad",
             ]
             for pat in patterns:
-                files.extend(Path(f) for f in sorted(glob.glob(pat)))
+                files.extend(Path(f) for f in sorted(glob.glob(pat)))  # noqa: PTH207 - cell-load's glob rules
         return files
     path = Path(path_spec)
     if path.is_file():
@@ -188,8 +188,8 @@ def _check_toml_entries(config: Any, facts: dict[str, list[_FileFacts]], problem
         for key, value in getattr(config, section).items():
             dataset, _, cell_type = key.partition(".")
             files = facts.get(dataset)
-            if not files:
-                continue
+            if not files or any(f.cell_types is None or f.perturbations is None for f in files):
+                continue  # the file problems are reported already; these checks would only repeat them
             present = set().union(*(f.cell_types for f in files))
             if cell_type not in present:
                 problems.append(
@@ -276,18 +276,40 @@ def check_data_inputs(data_kwargs: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _fast_transfer_class(base: type) -> type:
+    """cell-load's data module plus one Lightning hook: move only the tensors of a batch to the device.
+
+    Lightning's default transfer walks every element of the batch's string lists (pert_name,
+    cell_type, barcodes, ... 8192 entries each for 16 sets of 512 cells): ~170 ms per batch on CPU,
+    often more than the model step itself. The lists stay on the host either way.
+    """
+
+    class StatePerturbationDataModule(base):
+        def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            if isinstance(batch, dict):
+                import torch
+
+                return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()}
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    StatePerturbationDataModule.__qualname__ = f"State{base.__name__}"
+    return StatePerturbationDataModule
+
+
 def build_data_module(data_name: str, data_kwargs: Mapping[str, Any], *, batch_size: int, cell_sentence_len: int):
-    """Instantiate cell-load's data module exactly as arc-state does (every kwarg passed through)."""
-    from cell_load.utils.modules import DATA_MODULE_DICT, get_datamodule
+    """Instantiate cell-load's data module as arc-state does (``get_datamodule``: every kwarg passed
+    through, plus ``batch_size`` and ``cell_sentence_len``), with a faster batch-to-device hook."""
+    from cell_load.utils.modules import DATA_MODULE_DICT
 
     if data_name not in DATA_MODULE_DICT:
         raise StateError(
             f"unknown data module data.name={data_name!r}",
             hint=f"use one of {', '.join(DATA_MODULE_DICT)} (e.g. data=perturbation)",
         )
-    kwargs = dict(data_kwargs)
+    kwargs = {**dict(data_kwargs), "batch_size": batch_size, "cell_sentence_len": cell_sentence_len}
     try:
-        return get_datamodule(data_name, kwargs, batch_size=batch_size, cell_sentence_len=cell_sentence_len)
+        return _fast_transfer_class(DATA_MODULE_DICT[data_name])(**kwargs)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise StateError(f"cell-load could not build the data module: {exc}", hint="check data.kwargs") from exc
 

@@ -255,7 +255,7 @@ class RunDirContents:
     """Everything a run directory tells about its model's inputs and outputs."""
 
     path: Path
-    config: dict[str, Any]
+    config: dict[str, Any] | None
     var_dims: dict[str, Any]
     perturbations: list[str]
     cell_types: list[str] | None
@@ -287,4 +287,23 @@ def load_run_dir(run_dir: str | Path) -> RunDirContents:
         pert_map=pert_map,
         cell_type_map=read_map(run_dir, "cell_type"),
         batch_map=read_map(run_dir, "batch"),
+    )
+
+
+def load_run_artifacts(run_dir: str | Path) -> RunDirContents:
+    """Like :func:`load_run_dir`, but a missing ``config.yaml`` gives ``config=None`` (``infer`` can do without)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).is_file():
+        return load_run_dir(run_dir)
+    if not run_dir.is_dir():
+        raise StateError(f"run directory {run_dir} not found", hint="pass the folder written by `state tx train`")
+    pert_map = read_map(run_dir, "perturbation")
+    if pert_map is None:
+        raise StateError(f"{run_dir / MAP_FILES['perturbation'][0]} not found", hint="re-create the run directory")
+    return RunDirContents(
+        path=run_dir, config=None, var_dims=read_var_dims(run_dir),
+        perturbations=read_vocab(run_dir, "perturbation") or list(pert_map),
+        cell_types=read_vocab(run_dir, "cell_type"), batches=read_vocab(run_dir, "batch"),
+        genes=read_genes(run_dir), pert_map=pert_map,
+        cell_type_map=read_map(run_dir, "cell_type"), batch_map=read_map(run_dir, "batch"),
     )

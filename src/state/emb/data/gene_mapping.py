@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,10 +31,10 @@ class DatasetGenes:
     ds_emb_mapping: torch.Tensor  # [genes in X] global index or -1
     valid_mask: torch.Tensor  # [genes in X] bool
     global_to_local: torch.Tensor  # [vocabulary] column of X holding that gene, or -1
+    valid_global_ids: torch.Tensor = field(init=False)  # [usable genes] global index, X column order
 
-    @property
-    def valid_global_ids(self) -> torch.Tensor:
-        return self.ds_emb_mapping[self.valid_mask]
+    def __post_init__(self) -> None:
+        self.valid_global_ids = self.ds_emb_mapping[self.valid_mask]
 
 
 def load_gene_embeddings(path: str | Path, *, key: str) -> dict[str, torch.Tensor]:
