@@ -44,7 +44,7 @@ def test_predict_reproduces_arc_state_and_scores(moved_run, capsys):
     assert set(results["perturbation"]) == {"TXG0057", "TXG0062"}
     assert (out / "ctB_agg_results.csv").is_file()
     assert (out / "predicted_vs_observed_change.png").stat().st_size > 1000
-    assert "mean metric per cell type" in capsys.readouterr().err
+    assert "mean metric per cell type" in capsys.readouterr().out
 
 
 def test_predict_pseudobulk_and_shared_only(moved_run):

@@ -221,8 +221,8 @@ def _free_port() -> int:
 def test_fit_ddp_two_cpu_processes(setup, tmp_path):
     """devices=2 on CPU: two DDP processes (gloo, chosen by Lightning), one shared checkpoint."""
     _, conf, _ = setup
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "STATE_PROGRESS": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "STATE_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "state", "emb", "fit", "--conf", str(conf), *TINY,
            f"experiment.checkpoint.path={tmp_path}", "experiment.num_gpus_per_node=2",
            f"experiment.port={_free_port()}", "optimizer.gradient_accumulation_steps=1"]
@@ -231,3 +231,22 @@ def test_fit_ddp_two_cpu_processes(setup, tmp_path):
     assert "on 2 process(es) (gloo, cpu)" in proc.stderr
     last = torch.load(tmp_path / "toy" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6  # 88 cells over 2 ranks of batch 8 -> 6 steps per rank
+
+
+def test_wandb_failure_is_not_fatal(monkeypatch, tmp_path, state_log):
+    import lightning.pytorch.loggers as pl_loggers
+    from omegaconf import OmegaConf
+
+    from state.emb.fit import _loggers
+
+    class BrokenWandb:
+        def __init__(self, **kwargs):
+            raise RuntimeError("wandb: network unreachable")
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", BrokenWandb)
+    cfg = OmegaConf.create({"wandb": {"enable": True, "project": "p"}, "experiment": {"name": "x"}})
+    loggers = _loggers(cfg, tmp_path)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
+    assert "wandb logging disabled: wandb: network unreachable" in state_log.text
+    cfg.wandb.enable = False
+    assert len(_loggers(cfg, tmp_path)) == 1

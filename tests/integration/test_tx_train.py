@@ -193,7 +193,6 @@ BAD_INPUTS = {
     "batch_col_missing": (lambda s: {"data.kwargs.batch_col": "plate"}, "data.kwargs.batch_col"),
     "embed_key_missing": (lambda s: {"data.kwargs.embed_key": "X_uce"}, "X_uce"),
     "model_unknown": (lambda s: {"model.name": "transformer"}, "transformer"),
-    "model_not_implemented": (lambda s: {"model": "embedsum"}, "not implemented"),
 }
 
 

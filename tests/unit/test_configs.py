@@ -101,7 +101,8 @@ def _key_paths(node, prefix=()):
 
 def test_group_choices_are_the_arc_state_ones_plus_extras():
     groups = config_groups()
-    assert set(groups) == {"data", "model", "training", "wandb"}
+    assert set(groups) == {"data", "model", "training", "wandb", "experiment"}  # experiment: our overlays
+    assert groups["experiment"] == ["demo"]
     assert set(groups["model"]) == set(MODEL_NAMES) | EXTRA_MODELS
     assert set(groups["training"]) == TRAINING_CHOICES
     assert groups["data"] == ["default", "perturbation"]

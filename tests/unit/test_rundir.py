@@ -217,11 +217,9 @@ def test_registry_aliases_are_case_insensitive(name, canonical):
 
 @pytest.mark.parametrize("name", ["EmbedSum", "old_neuralot", "decoder_only", "pseudobulk", "CPA", "scVI",
                                   "scGPT-genetic", "scgpt-chemical"])
-def test_registry_unimplemented_models_fail_in_one_line(name):
-    with pytest.raises(StateError) as info:
-        registry.model_class(name)
-    message = str(info.value)
-    assert "not implemented" in message and name in message and "perturb_mean" in message and "\n" not in message
+def test_registry_zoo_models_resolve_to_a_class(name):
+    # every model name arc-state accepts is implemented (tests/integration/test_tx_zoo.py trains each)
+    assert isinstance(registry.model_class(name), type)
 
 
 def test_registry_unknown_name_lists_choices():

@@ -47,21 +47,23 @@ def run(argv: list[str]) -> int:
     setup_logging(-1 if args.log_quiet else args.verbose)
     try:
         return _call_handler(args.handler, args)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("state."):
-            command = " ".join(argv[i] for i in range(len(argv)) if not argv[i].startswith("-"))[:40]
-            print(f"error: this build of state does not include the engine for `{command}` yet", file=sys.stderr)
-            return 2
-        raise
     except StateError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # `state tx train --help | head`: the reader went away; not an error worth a traceback.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # Disk full, permission denied, a file vanishing mid-run: the user can act on these, so one
+        # line naming the file; `state -v ...` shows the traceback.
+        if args.verbose > 0:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (rerun with -v for details)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

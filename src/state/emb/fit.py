@@ -32,6 +32,7 @@ from state.emb.data.profile import dataset_profile, embedding_profile, load_trai
 from state.emb.lightning_module import StateEmbeddingModel, warmup_steps_for
 from state.io.safe_load import placeholder_to_plain, safe_torch_load
 from state.utils.errors import StateError
+from state.utils.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
     embedding_profile(cfg)  # clear errors for unset embeddings.current / dataset.current
     dataset_profile(cfg)
     exp = cfg.experiment
-    os.environ["MASTER_PORT"] = str(exp.get("port", 12400))
+    # experiment.port, unless a launcher (torchrun, SLURM scripts) already chose the rendezvous port.
+    os.environ.setdefault("MASTER_PORT", str(exp.get("port", 12400)))
     if "SLURM_JOB_ID" in os.environ:
         os.environ["SLURM_NTASKS_PER_NODE"] = str(exp.num_gpus_per_node)
     L.seed_everything(int(cfg.dataset.get("seed", 42)), workers=True, verbose=False)
@@ -96,7 +98,8 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
         filename=f"{name}-{{epoch}}-{{step}}",
         save_last=True,
         save_top_k=int(exp.checkpoint.get("save_top_k", 2)),
-        monitor=exp.checkpoint.get("monitor", "validation/val_loss"),
+        # Without validation batches there is no validation metric to rank checkpoints by.
+        monitor=exp.checkpoint.get("monitor", "validation/val_loss") if _validates(exp) else None,
         every_n_train_steps=int(exp.checkpoint.get("every_n_train_steps", 1000)),
         # Always overwrite last.ckpt (never last-v1.ckpt): resuming looks for exactly that name.
         enable_version_counter=False,
@@ -132,7 +135,7 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
         logger=_loggers(cfg, ckpt_dir),
         plugins=[SafeCheckpointIO()],
         default_root_dir=ckpt_dir,
-        enable_progress_bar=bool(os.environ.get("STATE_PROGRESS", "") not in ("0", "false", "off")),
+        enable_progress_bar=progress_enabled(),
     )
     last = ckpt_dir / "last.ckpt"
     resume = last if last.is_file() else None
@@ -190,6 +193,11 @@ def _check_num_datasets(cfg: DictConfig, profile) -> None:
             f"dataset.{cfg.dataset.current}.num_datasets={data.num_datasets} but a split lists {needed} datasets",
             hint=f"set dataset.{cfg.dataset.current}.num_datasets={needed} or more",
         )
+
+
+def _validates(exp) -> bool:
+    limit = exp.get("limit_val_batches", 1.0)
+    return limit is None or float(limit) > 0
 
 
 def _batches_per_epoch(cells: int, batch_size: int, world: int) -> int:

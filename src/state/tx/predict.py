@@ -122,7 +122,7 @@ def predict(
                          hint="pass --checkpoint with one of the available names")
     data = load_datamodule(run_dir, cfg, toml=toml)
     pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
-    model = load_model_checkpoint(ckpt)
+    model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
     model.eval()
     control = str(data.get_control_pert())
     data_kwargs = cfg["data"]["kwargs"]
@@ -189,6 +189,10 @@ def predict_cli(args: argparse.Namespace) -> int:
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
     )
+    if result.metrics:
+        from state.tx.predict_eval import format_summary
+
+        print(format_summary(result.metrics))  # the command's result, so stdout
     log.info("results in %s", result.eval_dir)
     return 0
 

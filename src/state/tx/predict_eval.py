@@ -75,7 +75,6 @@ def evaluate_and_plot(
         _plot_metric_distributions(results.to_pandas(), outdir / f"{cell_type}_metric_distributions.png")
     _plot_delta_scatter(adata_pred, adata_real, control_pert=control_pert, pert_col=pert_col,
                         path=outdir / "predicted_vs_observed_change.png")
-    log.info("\n%s", format_summary(summaries))
     return summaries
 
 

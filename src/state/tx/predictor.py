@@ -120,7 +120,7 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
             f"checkpoint not found: {ckpt}" + (f" (available: {', '.join(available)})" if available else ""),
             hint="pass --checkpoint with the path to a .ckpt",
         )
-    module = load_model_checkpoint(ckpt)
+    module = load_model_checkpoint(ckpt, model_name=((run.config or {}).get("model") or {}).get("name"))
     module.eval()
     hp = module.hparams
     data_kwargs = run.config.get("data", {}).get("kwargs", {}) if run.config else {}

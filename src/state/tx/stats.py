@@ -210,6 +210,7 @@ def plot_cell_counts(result: StatsResult, ax) -> None:
         half = BAR_LIMIT // 2
         shown = pd.concat([counts.iloc[:half], counts.iloc[-half:]])
         title += f": the {half} largest and {half} smallest"
+        ax.axhline(half - 0.5, color="0.5", linestyle=":", linewidth=1)  # where the middle ones are left out
     per_ct = shown.drop(columns=["n_cells"])
     y = np.arange(len(shown))
     if per_ct.shape[1]:

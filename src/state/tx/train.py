@@ -192,7 +192,9 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
         max_steps=max_steps,
         check_val_every_n_epoch=None,
         val_check_interval=val_freq,
-        gradient_clip_val=training.get("gradient_clip_val"),
+        # A module that steps its own optimizers clips itself (Lightning refuses both at once).
+        gradient_clip_val=None if registry.model_entry(model_name).manual_optimization
+        else training.get("gradient_clip_val"),
         accumulate_grad_batches=int(training.get("gradient_accumulation_steps") or 1),
         use_distributed_sampler=False,
         logger=loggers,
@@ -243,6 +245,11 @@ def train(cfg: Any) -> TrainResult:
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
     batch_size = int(training.get("batch_size", 16))
     set_len = sentence_length(plain["model"])
+    if registry.model_entry(model_name).one_set_per_batch and set_len > 1 and batch_size != 1:
+        # arc-state (§4.1 step 1): these baselines see one set of cell_sentence_len cells per step.
+        log.info("training.batch_size=%d -> 1 for %s (cells per step = cell_sentence_len=%d)",
+                 batch_size, model_name, set_len)
+        batch_size = training["batch_size"] = 1
     tx_data.check_data_inputs(data_kwargs)
     if is_rank_zero:
         plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))

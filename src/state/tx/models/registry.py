@@ -26,6 +26,8 @@ class ModelEntry:
     forced_max_steps: int | None = None  # statistics baselines finish in one step
     passes_basal_mapping_strategy: bool = False  # arc-state adds this kwarg for the state model only
     checkpoint_marker: str | None = None  # a top-level checkpoint key that identifies the class
+    one_set_per_batch: bool = False  # arc-state forces training.batch_size=1 (cells per batch = set length)
+    manual_optimization: bool = False  # the module steps its own optimizers: no Trainer gradient clipping
 
 
 _ENTRIES: tuple[ModelEntry, ...] = (
@@ -35,15 +37,18 @@ _ENTRIES: tuple[ModelEntry, ...] = (
                forced_max_steps=1, checkpoint_marker="pert_mean_offsets"),
     ModelEntry("context_mean", "state.tx.models.mean_baselines:ContextMeanPerturbationModel",
                forced_max_steps=1, checkpoint_marker="celltype_pert_means"),
-    ModelEntry("embedsum", None),
-    ModelEntry("old_neuralot", None),
-    ModelEntry("decoder_only", None),
-    ModelEntry("pseudobulk", None),
-    ModelEntry("cpa", None),
-    ModelEntry("scvi", None),
-    ModelEntry("scgpt-genetic", None),
-    ModelEntry("scgpt-chemical", None),
+    ModelEntry("embedsum", "state.tx.models.embedsum:EmbedSumPerturbationModel"),
+    ModelEntry("old_neuralot", "state.tx.models.state_variants:OldNeuralOTPerturbationModel"),
+    ModelEntry("decoder_only", "state.tx.models.decoder_only:DecoderOnlyPerturbationModel"),
+    ModelEntry("pseudobulk", "state.tx.models.state_variants:PseudobulkPerturbationModel"),
+    ModelEntry("cpa", "state.tx.models.cpa:CPAPerturbationModel", one_set_per_batch=True,
+               manual_optimization=True),
+    ModelEntry("scvi", "state.tx.models.scvi:ScVIPerturbationModel", one_set_per_batch=True),
+    ModelEntry("scgpt-genetic", "state.tx.models.scgpt:ScGPTPerturbationModel", one_set_per_batch=True),
+    ModelEntry("scgpt-chemical", "state.tx.models.scgpt:ScGPTPerturbationModel", one_set_per_batch=True),
 )
+# Top-level checkpoint key our zoo models write with their canonical name (arc-state never wrote one).
+MODEL_NAME_KEY = "state_tx_model"
 _BY_NAME = {entry.canonical: entry for entry in _ENTRIES}
 # arc-state's alternative spellings of the same models.
 ALIASES: dict[str, str] = {
@@ -127,6 +132,8 @@ def entry_for_checkpoint(checkpoint: Mapping[str, Any], model_name: Any = None) 
     """Which class wrote a checkpoint: the given name, else a marker key, else the state model."""
     if model_name is not None:
         return model_entry(model_name)
+    if checkpoint.get(MODEL_NAME_KEY):
+        return model_entry(checkpoint[MODEL_NAME_KEY])
     for entry in _ENTRIES:
         if entry.checkpoint_marker and entry.checkpoint_marker in checkpoint:
             return entry

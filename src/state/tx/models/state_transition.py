@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 class StateTransitionPerturbationModel(PerturbationModel):
     """Set transformer predicting perturbed cell states from control cells (see module docstring)."""
 
+    # The swappable network: variants (pseudobulk, old_neuralot) subclass the net, not this module.
+    net_class: type[StateTransitionNet] = StateTransitionNet
+
     def __init__(
         self,
         *,
@@ -104,7 +107,7 @@ class StateTransitionPerturbationModel(PerturbationModel):
             log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
             use_batch_token = False
 
-        net = StateTransitionNet(
+        net = self.net_class(
             input_dim=input_dim,
             hidden_dim=hidden_dim,
             output_dim=output_dim,
@@ -199,6 +202,24 @@ class StateTransitionPerturbationModel(PerturbationModel):
         out = self.run(batch, padded=padded)
         extra = {} if out.confidence is None else {"confidence_pred": out.confidence}
         return out.preds.reshape(-1, self.output_dim), extra
+
+    def predict_sets(self, *, ctrl, pert, batch=None, pert_names=None):
+        """Inference on B independent sets in ONE forward pass (used by ``state tx infer``).
+
+        ``ctrl`` [B, S, D_in] and ``pert`` [B, S, P] (arrays or tensors), ``batch`` [B, S] batch
+        indices or None. Cells attend only within their own set, so this equals B calls of
+        ``predict_step(padded=False)`` without B times the per-call overhead. Returns numpy
+        (preds [B, S, D_out], decoded counts [B, S, G] or None). ``pert_names`` is unused here.
+        """
+        basal = torch.as_tensor(ctrl).to(self.device, self.dtype)
+        pert_emb = torch.as_tensor(pert).to(self.device, self.dtype)
+        batch_index = None
+        if (self.batch_encoder is not None or self.batch_token is not None) and batch is not None:
+            batch_index = torch.as_tensor(batch, device=self.device).long()  # [B, S] indices
+        preds = self.net(pert_emb, basal, batch_index).preds  # [B, S, D_out]
+        decoded = self.decode(preds)
+        counts = None if decoded is None else decoded.float().cpu().numpy()
+        return preds.float().cpu().numpy(), counts
 
     # ------------------------------------------------------------------ losses
     def _losses(self, batch: Mapping[str, Any], *, padded: bool) -> dict[str, torch.Tensor]:
