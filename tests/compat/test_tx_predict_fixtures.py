@@ -71,3 +71,44 @@ def test_predict_unknown_checkpoint_lists_available(moved_run, capsys):
     run, toml = moved_run
     assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "nope.ckpt", "--toml", str(toml)]) == 2
     assert "final.ckpt" in capsys.readouterr().err
+
+
+
+def _fixture_sets(expected, names):
+    import torch
+
+    offsets = expected["all_set_offsets"]
+    for i in range(offsets.size - 1):
+        rows = slice(offsets[i], offsets[i + 1])
+        yield {
+            "ctrl_cell_emb": torch.from_numpy(expected["all_ctrl_cell_emb"][rows]),
+            "pert_cell_emb": torch.from_numpy(expected["all_pert_cell_emb"][rows]),
+            "pert_emb": torch.from_numpy(expected["all_pert_emb"][rows]),
+            "batch": torch.from_numpy(expected["all_batch_index"][rows]),
+            "pert_name": list(names[rows]),
+        }
+
+
+def test_test_time_finetune_trains_on_control_sets_only():
+    import torch
+
+    from state.tx.models.registry import load_model_checkpoint
+    from state.tx.predict import _test_time_finetune
+
+    expected = np.load(FIX / "expected.npz")
+    names = expected["all_pert_name"]
+    model = load_model_checkpoint(FIX / "run" / "checkpoints" / "final.ckpt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    no_controls = [b for b in _fixture_sets(expected, names) if b["pert_name"][0] != "non-targeting"]
+    _test_time_finetune(model, no_controls, epochs=2, control="non-targeting")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _test_time_finetune(model, list(_fixture_sets(expected, names)), epochs=1, control="non-targeting")
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert "pert_encoder.0.weight" in changed and not model.training
+    assert max((model.state_dict()[k] - before[k]).abs().max().item() for k in changed) < 1e-3  # lr 1e-5
+
+
+def test_predict_cli_with_test_time_finetune_runs(moved_run):
+    run, toml = moved_run
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "final.ckpt", "--toml", str(toml),
+                 "--predict-only", "--skip-adatas", "--test-time-finetune", "1"]) == 0

@@ -78,19 +78,26 @@ def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
 
 def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
     """arc-state's recipe: Adam lr 1e-5 on control-only sets, one set per step."""
+    import inspect
+    import warnings
+
+    if "padded" not in inspect.signature(model.training_step).parameters or model.automatic_optimization is False:
+        raise StateError(f"--test-time-finetune is not supported for {type(model).__name__}",
+                         hint="drop --test-time-finetune for this model")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     steps = 0
-    for _ in range(epochs):
-        for idx, batch in enumerate(loader):
-            if batch["pert_name"][0] != control:
-                continue
-            optimizer.zero_grad()
-            loss = model.training_step(batch, idx, padded=False)
-            loss = loss["loss"] if isinstance(loss, dict) else loss
-            loss.backward()
-            optimizer.step()
-            steps += 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no trainer attached: nothing to log to
+        for _ in range(epochs):
+            for idx, batch in enumerate(loader):
+                if batch["pert_name"][0] != control:
+                    continue
+                optimizer.zero_grad()
+                loss = model.training_step(batch, idx, padded=False)
+                loss.backward()
+                optimizer.step()
+                steps += 1
     log.info("test-time fine-tuning: %d steps over %d epoch(s)", steps, epochs)
     model.eval()
 

@@ -178,7 +178,14 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
         BatchSpeedMonitor(interval=50),
     ]
     if registry.model_entry(model_name).canonical == "state":
+        from state.tx.flops import FlopsMonitor
+
         callbacks.append(GradientNormLogger())
+        if "cumulative_flops_use_backward" in training or training.get("use_mfu"):
+            callbacks.append(FlopsMonitor(
+                use_backward=bool(training.get("cumulative_flops_use_backward", True)),
+                mfu_kwargs=training.get("mfu_kwargs") if training.get("use_mfu") else None,
+            ))
     show_bar = progress_enabled()
     if show_bar:
         callbacks.append(StateProgressBar())

@@ -152,9 +152,9 @@ class PerturbationModel(LightningModule):
         """Gene-space counts from latent predictions, or None when there is no decoder."""
         return None if self.gene_decoder is None else self.gene_decoder(preds)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int, padded: bool = True) -> torch.Tensor:
         """Default objective for simple baselines: MSE on ``pert_cell_emb`` (+ decoder MSE)."""
-        preds = self(batch, padded=True)
+        preds = self(batch, padded=padded)
         loss = nn.functional.mse_loss(preds, batch["pert_cell_emb"])
         self.log("train_loss", loss, prog_bar=True)
         if self.gene_decoder is not None and "pert_cell_counts" in batch:

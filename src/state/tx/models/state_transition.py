@@ -267,8 +267,9 @@ class StateTransitionPerturbationModel(PerturbationModel):
             if term in losses:
                 self.log(metric, losses[term], batch_size=n_sets, **options)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self._losses(batch, padded=True)
+    def training_step(self, batch: dict[str, Any], batch_idx: int, padded: bool = True) -> torch.Tensor:
+        # padded=False: one set of any length (predict's test-time fine-tuning)
+        losses = self._losses(batch, padded=padded)
         self._log_terms(losses, {"main": "train_loss"}, prog_bar=True)
         self._log_terms(
             losses,
