@@ -135,7 +135,7 @@ def _shorter(argv: list[str]) -> list[str]:
     """Keep the walkthrough fast: a few training steps; predict without cell-eval's metrics (those are
     covered by tests/compat/test_tx_predict_fixtures.py::test_predict_reproduces_arc_state_and_scores)."""
     if argv[1:3] == ["tx", "train"]:
-        return ["training.max_steps=4", "training.val_freq=2"]
+        return ["training.max_steps=2", "training.val_freq=2"]
     if argv[1:3] == ["tx", "predict"]:
         return ["--predict-only"]
     return []
