@@ -99,3 +99,36 @@ def test_infer_refuses_width_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "256 columns but the model expects 64" in err and "--embed-key X_hvg" in err
     assert not out.exists()
+
+
+def test_forward_batching_never_changes_results():
+    """Windows are stacked into forward passes; how many per pass must not change a single bit."""
+    from state.tx.infer import feature_reader, simulate
+    from state.tx.predictor import load_predictor
+
+    predictor = load_predictor(FIX / "state_llama" / "run")
+    adata = ad.read_h5ad(INPUT)
+    labels = adata.obs["gene"].astype(str).to_numpy()
+    windows, _ = plan_windows(labels, adata.obs["cell_type"].astype(str).to_numpy(), control="non-targeting",
+                              set_len=16, seed=42)
+    read, _ = feature_reader(adata, "X_hvg")
+    batch = predictor.batch_indices(adata.obs["gem_group"].astype(str).to_numpy())
+    runs = [
+        simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
+                 batch_index=batch, max_cells_per_call=cells, quiet=True).preds
+        for cells in (1, 48, 4096)
+    ]
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
+
+
+def test_preprocess_infer_template_feeds_infer(tmp_path):
+    template = tmp_path / "template.h5ad"
+    assert main(["tx", "preprocess_infer", "--adata", str(INPUT), "--output", str(template),
+                 "--control_condition", "non-targeting", "--pert_col", "gene", "--seed", "1"]) == 0
+    out = tmp_path / "sim.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(template),
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out), "--quiet"]) == 0
+    sim, src = ad.read_h5ad(out), ad.read_h5ad(template)
+    assert sim.obs.equals(src.obs)
+    assert sim.obsm["X_hvg"].shape == src.obsm["X_hvg"].shape
+    assert not np.array_equal(sim.obsm["X_hvg"], src.obsm["X_hvg"])

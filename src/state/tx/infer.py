@@ -141,8 +141,8 @@ def simulate(
                 chunk = group[start : start + per_call]
                 ctrl = np.stack([read_features(w.basal) for w in chunk])  # [B, S, D]
                 own = np.stack([read_features(w.rows) for w in chunk])  # [B, S, D]
-                pert = np.stack([np.broadcast_to(pert_vectors(w.pert), (set_len, pert_vectors(w.pert).size))
-                                 for w in chunk])  # [B, S, P]
+                vectors = [pert_vectors(w.pert) for w in chunk]
+                pert = np.stack([np.broadcast_to(v, (set_len, v.size)) for v in vectors])  # [B, S, P]
                 batch = None if batch_index is None else np.stack([batch_index[w.rows] for w in chunk])
                 names = [w.pert for w in chunk]
                 types = None if cell_types is None else [cell_types[w.rows] for w in chunk]

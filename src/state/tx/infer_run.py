@@ -47,12 +47,16 @@ def write_predictions(
     embed_key: str | None,
     output_space: str,
 ) -> ad.AnnData:
-    """Put predictions in the slots arc-state uses (tx_spec section 8, step 8)."""
+    """Put predictions in the slots arc-state uses (tx_spec section 8, step 8).
+
+    ``preds`` is clipped in place (it is ours to consume): a clipped copy would add one more
+    output-sized array to the peak memory.
+    """
     clip = output_space in ("gene", "all")
-    latent = np.clip(preds, 0.0, CLIP_MAX) if clip else preds
+    latent = np.clip(preds, 0.0, CLIP_MAX, out=preds) if clip else preds
     if embed_key is None:
         if latent.shape[1] == adata.n_vars:
-            adata.X = latent.astype(np.float32)
+            adata.X = latent.astype(np.float32, copy=False)
         else:
             log.info("prediction width %d != n_vars %d: writing obsm['X_state_pred']", latent.shape[1], adata.n_vars)
             adata.obsm["X_state_pred"] = latent
@@ -63,7 +67,7 @@ def write_predictions(
         adata.obsm[f"{embed_key}_pred"] = latent
     store_counts = (embed_key != "X_hvg" and output_space == "gene") or output_space == "all"
     if store_counts and counts is not None:
-        decoded = np.clip(counts, 0.0, CLIP_MAX).astype(np.float32)
+        decoded = np.clip(counts, 0.0, CLIP_MAX, out=counts).astype(np.float32, copy=False)
         if output_space == "gene":
             adata.obsm["X_hvg"] = decoded
         elif decoded.shape[1] == adata.n_vars:
@@ -156,11 +160,11 @@ def run_infer(
                       batch_index=batch_index, cell_types=groups, quiet=quiet)
 
     if output.suffix.lower() == ".npy":
-        main = result.preds
+        main = result.preds  # float32, clipped in place: no output-sized copies
         if predictor.output_space in ("gene", "all"):
-            main = np.clip(main, 0.0, CLIP_MAX)
+            np.clip(main, 0.0, CLIP_MAX, out=main)
         with atomic_path(output) as tmp:
-            np.save(tmp, main.astype(np.float32))
+            np.save(tmp, main.astype(np.float32, copy=False))
         return output
     preds = _keep_unpredicted(result.preds, result.done, adata, embed_key)
     adata = write_predictions(adata, preds, result.counts, embed_key=embed_key,
