@@ -132,7 +132,7 @@ def test_lancedb_append_and_batched_query(data_dir, tmp_path, capsys):
 def test_transform_bad_inputs_fail_in_one_line_and_write_nothing(data_dir, tmp_path, capsys):
     out = tmp_path / "out.h5ad"
     base = ["transform", "--model-folder", MODEL, "--output", str(out)]
-    _fails(capsys, *base, "--input", str(tmp_path / "missing.h5ad"), match="input not found")
+    _fails(capsys, *base, "--input", str(tmp_path / "missing.h5ad"), match="does not exist")
     (tmp_path / "text.h5ad").write_text("not hdf5")
     _fails(capsys, *base, "--input", str(tmp_path / "text.h5ad"), match="is not an h5ad file")
     _fails(capsys, "transform", "--model-folder", MODEL, "--input", str(data_dir / "ref.h5ad"),

@@ -35,14 +35,9 @@ def open_h5ad(path: str | os.PathLike):
     """Open an h5ad read-only with h5py, with one-line errors for missing / non-HDF5 files."""
     import h5py
 
-    path = Path(path)
-    if not path.exists():
-        raise StateError(f"input not found: {path}", hint="check the --input path")
-    if path.is_dir():
-        raise StateError(f"input {path} is a folder, expected an .h5ad file", hint="pass the .h5ad file")
-    if not h5py.is_hdf5(path):
-        raise StateError(f"input {path} is not an h5ad file (not HDF5)", hint="convert it with anndata (write_h5ad)")
-    return h5py.File(path, "r")
+    from state.io.anndata_checks import check_h5ad_path
+
+    return h5py.File(check_h5ad_path(path, flag="--input"), "r")
 
 
 def _read_elem(node):

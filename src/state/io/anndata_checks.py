@@ -34,14 +34,13 @@ def _preview(values, limit: int = 8) -> str:
     return shown + (f", ... ({len(values)} in total)" if len(values) > limit else "")
 
 
-def read_h5ad_checked(path: str | os.PathLike, *, backed: str | None = None):
-    """Read an h5ad, turning the usual mistakes (missing file, folder, not HDF5) into one-line errors."""
-    import anndata as ad
+def check_h5ad_path(path: str | os.PathLike, *, flag: str = "--adata") -> Path:
+    """An existing HDF5 file, or a one-line error naming ``flag`` (missing file, folder, not HDF5)."""
     import h5py
 
     p = Path(path)
     if not p.exists():
-        raise StateError(f"input file {p} does not exist", hint="check the input path (--adata)")
+        raise StateError(f"input file {p} does not exist", hint=f"check the input path ({flag})")
     if p.is_dir():
         raise StateError(f"input {p} is a directory, expected an .h5ad file", hint="pass the path of the .h5ad file")
     if not h5py.is_hdf5(p):
@@ -49,6 +48,14 @@ def read_h5ad_checked(path: str | os.PathLike, *, backed: str | None = None):
             f"input {p} is not an h5ad file (it is not HDF5)",
             hint="pass an AnnData file written by anndata/scanpy (adata.write_h5ad)",
         )
+    return p
+
+
+def read_h5ad_checked(path: str | os.PathLike, *, backed: str | None = None, flag: str = "--adata"):
+    """Read an h5ad, turning the usual mistakes (missing file, folder, not HDF5) into one-line errors."""
+    import anndata as ad
+
+    p = check_h5ad_path(path, flag=flag)
     try:
         return ad.read_h5ad(p, backed=backed)
     except Exception as exc:  # anndata raises many types for a malformed file
