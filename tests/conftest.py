@@ -3,9 +3,12 @@ so tests can write ``from helpers.synthetic import make_perturbation_adata``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 # Set before any test module imports torch / wandb / huggingface; explicit values from the caller win.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -15,3 +18,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture
+def state_log(caplog):
+    """caplog that also sees the `state` logger (the CLI stops it propagating to the root)."""
+    logger = logging.getLogger("state")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

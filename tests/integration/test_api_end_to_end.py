@@ -8,8 +8,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from helpers.markdown_runner import run_page
 
+from helpers.markdown_runner import run_page
 from state import api
 from state.__main__ import main
 

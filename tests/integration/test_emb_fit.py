@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
@@ -37,15 +36,6 @@ TINY = [
     "experiment.checkpoint.every_n_train_steps=5", "experiment.checkpoint.save_top_k=1",
     "optimizer.gradient_accumulation_steps=2", "optimizer.max_lr=0.001",
 ]
-
-
-@pytest.fixture
-def state_log(caplog):
-    """caplog that also sees the `state` logger (the CLI stops it propagating to the root)."""
-    logger = logging.getLogger("state")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="module")

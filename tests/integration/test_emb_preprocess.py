@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 
 import pandas as pd
@@ -12,15 +11,6 @@ import yaml
 
 from state.cli import run
 from state.emb.data.synthetic import make_se_corpus
-
-
-@pytest.fixture
-def state_log(caplog):
-    """caplog that also sees the `state` logger (the CLI stops it propagating to the root)."""
-    logger = logging.getLogger("state")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from helpers.synthetic import make_processed_dataset, write_toml
 
+from helpers.synthetic import make_processed_dataset, write_toml
 from state.__main__ import main
 from state.tx.vcc import check_submission, read_gene_list
 from state.utils.errors import StateError

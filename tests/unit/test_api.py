@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers.synthetic import make_perturbation_adata
 
+from helpers.synthetic import make_perturbation_adata
 from state import api, heads
 from state.__main__ import main
 from state.tx.config import compose_tx_config

@@ -11,6 +11,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import pytest
+
 from helpers.markdown_runner import code_blocks, run_page, state_commands
 
 ROOT = Path(__file__).resolve().parents[2]

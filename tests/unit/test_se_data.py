@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import anndata as ad
@@ -26,15 +25,6 @@ from state.emb.data.synthetic import make_se_corpus
 from state.utils.errors import StateError
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "emb" / "se_tiny"
-
-
-@pytest.fixture
-def state_log(caplog):
-    """caplog that also sees the `state` logger (the CLI stops it propagating to the root)."""
-    logger = logging.getLogger("state")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="module")

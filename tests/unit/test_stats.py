@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from helpers.synthetic import make_processed_adata
 
+from helpers.synthetic import make_processed_adata
 from state.__main__ import main
 from state.tx import stats
 from state.utils.errors import StateError
