@@ -3,6 +3,7 @@ DDP, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def test_state_model_trains_resumes_and_survives_a_crash(synth, tmp_path, monkey
     last = safe_torch_load(run / "checkpoints" / "last.ckpt")
     adam_steps = {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()}
     assert adam_steps == {6.0}  # 4 restored + 2 new; a fresh optimizer would say 2
-    steps_logged = [line.split(",")[1] for line in (run / "version_0" / "metrics.csv").read_text().splitlines()[1:]]
+    with (run / "version_0" / "metrics.csv").open() as fh:
+        steps_logged = [row["step"] for row in csv.DictReader(fh)]
     assert "1" in steps_logged and "5" in steps_logged  # rows from before the resume are kept
 
     # crash in the middle of writing last.ckpt: the previous file stays intact and loadable
