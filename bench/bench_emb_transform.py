@@ -152,9 +152,10 @@ def timed(tool: str, path: Path, out: Path, args) -> Run:
     return run
 
 
-def agreement(args) -> tuple[int, float, float]:
-    """(cells, min cosine of the normalised cell part, max |diff| of the dataset part) on a tie-free input."""
-    path = input_file(2000, args, tie_free=True)
+def agreement(args) -> dict[str, float]:
+    """Both tools on a tie-free input: per-cell cosine of the normalised cell part, max |difference|,
+    and (for scale) the median cosine between different cells of our output."""
+    path = input_file(args.agree_cells, args, tie_free=True)
     outs = {}
     for name, tool in (("ours", OURS), ("arc", ARC)):
         out = WORK / "emb" / f"agree_{name}.npy"
@@ -162,25 +163,28 @@ def agreement(args) -> tuple[int, float, float]:
         outs[name] = np.load(out)
     a, b = outs["ours"], outs["arc"]
     width = a.shape[1] - 10
-    cos = (a[:, :width] * b[:, :width]).sum(1) / (np.linalg.norm(a[:, :width], axis=1) * np.linalg.norm(b[:, :width], axis=1))
-    return a.shape[0], float(cos.min()), float(np.abs(a[:, width:] - b[:, width:]).max())
+    unit_a = a[:, :width] / np.linalg.norm(a[:, :width], axis=1, keepdims=True)
+    unit_b = b[:, :width] / np.linalg.norm(b[:, :width], axis=1, keepdims=True)
+    return {"cells": a.shape[0], "min_cos": float((unit_a * unit_b).sum(1).min()),
+            "max_abs": float(np.abs(a - b).max()), "between_cells_cos": float(np.median(unit_a @ unit_a.T))}
 
 
 def ratio(args) -> None:
     sizes = sorted(args.cells)
-    paths = {n: input_file(n, args) for n in sizes}
-    runs: dict[tuple[str, int], list[Run]] = {}
-    for rep in range(args.repeats):
-        for n in sizes:
-            for name, tool in (("ours", OURS), ("arc", ARC)):
-                run = timed(tool, paths[n], WORK / "emb" / f"out_{name}.npy", args)
-                runs.setdefault((name, n), []).append(run)
-                print(f"rep {rep} {name:4s} {n:>7} cells: {run.seconds:6.1f} s  peak RSS {run.peak_rss_mib:5.0f} MiB  "
-                      f"load {run.load_before:.1f}/{run.load_after:.1f}", flush=True)
+    ours_only = sorted(args.ours_cells or [])
+    paths = {n: input_file(n, args) for n in sizes + ours_only}
     agree = agreement(args)
-    print(f"agreement on {agree[0]} tie-free cells: min cosine {agree[1]:.6f}, max |ds diff| {agree[2]:.2e}")
+    print(f"agreement: {agree}", flush=True)
+    runs: dict[tuple[str, int], list[Run]] = {}
+    pairs = [(n, name, tool) for n in sizes for name, tool in (("ours", OURS), ("arc", ARC))]
+    for rep in range(args.repeats):
+        for n, name, tool in pairs + [(n, "ours", OURS) for n in ours_only]:
+            run = timed(tool, paths[n], WORK / "emb" / f"out_{name}.npy", args)
+            runs.setdefault((name, n), []).append(run)
+            print(f"rep {rep} {name:4s} {n:>7} cells: {run.seconds:6.1f} s  peak RSS {run.peak_rss_mib:5.0f} MiB  "
+                  f"load {run.load_before:.1f}/{run.load_after:.1f}", flush=True)
     if args.write_md:
-        write_ratio_md(args, sizes, paths, runs, agree)
+        write_ratio_md(args, sizes, ours_only, paths, runs, agree)
 
 
 def scale(args) -> None:
@@ -207,8 +211,13 @@ def _common_args(args) -> str:
             f"--threads {args.threads}{extra}")
 
 
-def write_ratio_md(args, sizes, paths, runs, agree) -> None:
-    cells = " ".join(map(str, sizes))
+def steady_rate(runs, name: str, lo: int, hi: int) -> float:
+    """Cells/s from the difference of two sizes' median wall times (start-up cancels)."""
+    return (hi - lo) / (median(r.seconds for r in runs[(name, hi)]) - median(r.seconds for r in runs[(name, lo)]))
+
+
+def write_ratio_md(args, sizes, ours_only, paths, runs, agree) -> None:
+    cells = " ".join(map(str, sizes)) + (" --ours-cells " + " ".join(map(str, ours_only)) if ours_only else "")
     loads = [v for rs in runs.values() for r in rs for v in (r.load_before, r.load_after)]
     lines = [
         "### ours vs arc-state 0.11.1 (`ratio`)", "",
@@ -229,16 +238,22 @@ def write_ratio_md(args, sizes, paths, runs, agree) -> None:
             f"| {n:,} | {paths[n].stat().st_size / 2**20:.0f} | {median(r.seconds for r in ours):.1f} | "
             f"{median(r.seconds for r in arc):.1f} | **{pair_ratio:.2f}x** | {max(r.peak_rss_mib for r in ours):.0f} | "
             f"{max(r.peak_rss_mib for r in arc):.0f} |")
-    if len(sizes) >= 2:
-        lo, hi = sizes[0], sizes[-1]
-        rate = {name: (hi - lo) / (median(r.seconds for r in runs[(name, hi)]) -
-                                   median(r.seconds for r in runs[(name, lo)])) for name in ("ours", "arc")}
-        lines += ["", f"Steady state (difference of the {lo:,}- and {hi:,}-cell medians, start-up cancelled): "
-                  f"ours **{rate['ours']:,.0f} cells/s**, arc-state {rate['arc']:,.0f} cells/s, "
-                  f"**{rate['ours'] / rate['arc']:.1f}x**."]
-    lines += ["", f"Agreement: on a tie-free input ({agree[0]:,} cells, every cell with >= 63 distinct-valued "
-              f"vocabulary genes, so neither tool samples) the cosine of the L2-normalised cell part is >= "
-              f"{agree[1]:.6f} for every cell, the dataset part differs by at most {agree[2]:.1e}."]
+    for n in ours_only:
+        ours = runs[("ours", n)]
+        lines.append(f"| {n:,} | {paths[n].stat().st_size / 2**20:.0f} | {median(r.seconds for r in ours):.1f} | "
+                     f"not run | | {max(r.peak_rss_mib for r in ours):.0f} | |")
+    lo, hi = sizes[0], sizes[-1]
+    arc_rate = steady_rate(runs, "arc", lo, hi)
+    o_lo, o_hi = (ours_only[0], ours_only[-1]) if len(ours_only) >= 2 else (lo, hi)
+    ours_rate = steady_rate(runs, "ours", o_lo, o_hi)
+    lines += ["", f"Steady state (cells/s from the difference of two sizes' median wall times, so start-up cancels): "
+              f"arc-state {arc_rate:,.1f} cells/s ({lo:,} vs {hi:,} cells), ours **{ours_rate:,.0f} cells/s** "
+              f"({o_lo:,} vs {o_hi:,} cells): **{ours_rate / arc_rate:,.0f}x**."]
+    lines += ["", f"Agreement: on a tie-free input ({agree['cells']:,} cells, each with >= 63 distinct-valued "
+              "vocabulary genes, so neither tool samples) the two outputs differ by at most "
+              f"{agree['max_abs']:.1e} (all 42 columns); the per-cell cosine of the L2-normalised cell part is >= "
+              f"{agree['min_cos']:.6f} (for scale: the median cosine between two different cells is "
+              f"{agree['between_cells_cos']:.4f} with this tiny model)."]
     md_section("bench_emb_transform_ratio", lines)
 
 
@@ -269,6 +284,9 @@ def main() -> None:
     parser.add_argument("--nnz-per-cell", type=int, default=1500, help="non-vocabulary expressed genes (mean)")
     parser.add_argument("--vocab-frac", type=float, nargs=2, default=[0.1, 0.6],
                         help="per-cell probability range that a vocabulary gene is expressed")
+    parser.add_argument("--ours-cells", type=int, nargs="*", help="ratio: extra sizes timed for ours only "
+                        "(arc-state is too slow for them); two sizes give ours' steady-state rate")
+    parser.add_argument("--agree-cells", type=int, default=500, help="ratio: cells of the tie-free agreement input")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's (se_tiny: 16)")
     parser.add_argument("--threads", type=int, default=1)

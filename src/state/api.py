@@ -43,12 +43,14 @@ if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
+    from state.heads import Head, fit_head, load_head  # noqa: F401 - provided lazily by __getattr__
     from state.tx.predictor import SetPredictor
     from state.tx.train import TrainResult
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Head",
     "Run",
     "build_vector_store",
     "embed",
@@ -275,7 +277,13 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
 def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_col, batch_col, seed,
                     max_set_len, quiet):
     """The simulation step of ``state tx infer`` on an in-memory AnnData (same pieces, same order)."""
-    from state.tx.infer import BATCH_CANDIDATES, CELLTYPE_CANDIDATES, detect_column, feature_reader, plan_windows
+    from state.tx.infer import (
+        BATCH_CANDIDATES,
+        CELLTYPE_CANDIDATES,
+        detect_column,
+        feature_reader,
+        plan_windows,
+    )
     from state.tx.infer import simulate as run_windows
     from state.tx.infer_run import _keep_unpredicted, write_predictions
 

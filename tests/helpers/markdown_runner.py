@@ -72,12 +72,23 @@ def bash_commands(code: str) -> list[tuple[str, object]]:
     return out
 
 
+def _as_state_command(argv: list[str]) -> list[str] | None:
+    """``state ...``, ``srun state ...`` and ``singularity run ... image.sif ...`` as ``["state", ...]``."""
+    if argv[0] == "srun" and "state" in argv:
+        return argv[argv.index("state") :]
+    if argv[0] in ("singularity", "apptainer") and argv[1:2] == ["run"]:
+        image = next((i for i, word in enumerate(argv) if word.endswith(".sif")), None)
+        return ["state", *argv[image + 1 :]] if image is not None else None
+    return argv if argv[0] == "state" else None
+
+
 def state_commands(path: Path) -> list[list[str]]:
     """Every ``state ...`` command of the bash blocks of a page (skipped blocks included)."""
     commands = []
     for block in code_blocks(path):
         if block.lang in ("bash", "sh", "shell"):
-            commands += [argv for kind, argv in bash_commands(block.code) if kind == "argv" and argv[0] == "state"]
+            found = (_as_state_command(argv) for kind, argv in bash_commands(block.code) if kind == "argv")
+            commands += [argv for argv in found if argv]
     return commands
 
 

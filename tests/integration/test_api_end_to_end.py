@@ -30,7 +30,7 @@ def page(tmp_path_factory):
 def test_documented_session_trains_and_simulates(page):
     work, ns = page
     result = ns["result"]
-    assert result.run_dir == Path("runs/api_demo") and result.global_step == 10
+    assert result.run_dir == Path("runs/api_demo") and result.global_step == 6
     assert set(result.checkpoint_paths) == {"best.ckpt", "last.ckpt", "final.ckpt"}
     assert np.isfinite(result.metrics["val_loss"])
     simulated, controls = ns["simulated"], ns["controls"]
@@ -67,5 +67,5 @@ def test_train_resumes_from_a_saved_config(page):
     work, ns = page
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
-        again = api.train("runs/api_demo/config.yaml", overrides={"training.max_steps": 12})
-    assert again.resumed_from == Path("runs/api_demo/checkpoints/last.ckpt") and again.global_step == 12
+        again = api.train("runs/api_demo/config.yaml", overrides={"training.max_steps": 7})
+    assert again.resumed_from == Path("runs/api_demo/checkpoints/last.ckpt") and again.global_step == 7

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.cli import run as cli_run
@@ -230,3 +231,13 @@ def test_existing_run_dir_without_checkpoint_asks_for_overwrite(synth, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "overwrite=true" in err[0]
     assert sorted(p.name for p in existing.iterdir()) == ["config.yaml"]
+
+
+def test_num_nodes_reaches_the_trainer(tmp_path):
+    """Multi-node runs: `+training.num_nodes=N` is handed to Lightning (which reads the usual env vars)."""
+    from state.tx.train import _trainer
+
+    cfg = compose_tx_config(["+training.num_nodes=2", "training.strategy=ddp"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    trainer = _trainer(plain, tmp_path, max_steps=1, loggers=[], model_name="state", strategy="ddp")
+    assert trainer.num_nodes == 2

@@ -78,7 +78,7 @@ def test_deltas_top_genes_and_knockdown_targets(adata):
     np.testing.assert_allclose(result.gene_stats["mean"], X.mean(axis=0), rtol=1e-5)
 
 
-def test_cell_types_get_their_own_controls(adata, caplog):
+def test_cell_types_get_their_own_controls(adata, state_log):
     result = stats.perturbation_stats(adata, pert_col="gene", control_pert="non-targeting", celltype_col="cell_type")
     X = _dense(adata.X)
     labels = adata.obs["gene"].astype(str).to_numpy()
@@ -90,10 +90,10 @@ def test_cell_types_get_their_own_controls(adata, caplog):
 
     # a cell type without controls is reported and left out, not compared with another type's controls
     lonely = adata[~((types == ct) & (labels == "non-targeting"))].copy()
-    with caplog.at_level(logging.WARNING, logger="state.tx.stats"):
+    with state_log.at_level(logging.WARNING, logger="state.tx.stats"):
         partial = stats.perturbation_stats(lonely, pert_col="gene", control_pert="non-targeting",
                                            celltype_col="cell_type")
-    assert ct not in set(partial.deltas.index.get_level_values("cell_type")) and ct in caplog.text
+    assert ct not in set(partial.deltas.index.get_level_values("cell_type")) and ct in state_log.text
 
 
 def test_sparse_x_is_never_densified(adata, monkeypatch):

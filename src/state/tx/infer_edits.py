@@ -9,6 +9,7 @@ ones). Each returns a new AnnData; the caller's object is never modified.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -28,7 +29,10 @@ def _append_clones(
     adata: ad.AnnData, source_rows: np.ndarray, *, pert_col: str, labels: str | list[str], names: list[str]
 ) -> ad.AnnData:
     """Append copies of ``source_rows`` (X, obsm, obs) relabelled with ``labels``."""
-    clones = adata[source_rows].copy()
+    with warnings.catch_warnings():
+        # repeated source rows give repeated names for a moment; they are replaced just below
+        warnings.filterwarnings("ignore", message="Observation names are not unique")
+        clones = adata[source_rows].copy()
     obs = clones.obs.copy()
     new_labels = [labels] * len(source_rows) if isinstance(labels, str) else list(labels)
     obs[pert_col] = pd.Categorical(new_labels)

@@ -222,11 +222,11 @@ def plot_cell_counts(result: StatsResult, ax) -> None:
     else:
         colors = ["tab:gray" if p == result.control_pert else "tab:blue" for p in shown.index]
         ax.barh(y, shown["n_cells"].to_numpy(), color=colors)
-    ax.axvline(float(counts["n_cells"].median()), color="black", linestyle="--", linewidth=0.8, label="median")
+    ax.axvline(float(counts["n_cells"].median()), color="black", linestyle="--", linewidth=0.8)
     labels = [f"{p} (control)" if p == result.control_pert else str(p) for p in shown.index]
     ax.set_yticks(y, labels, fontsize=max(5, min(9, 400 // max(len(shown), 1))))
     ax.invert_yaxis()
-    ax.set_xlabel("cells")
+    ax.set_xlabel("cells (dashed line: median)")
     ax.set_title(title, fontsize=10)
 
 

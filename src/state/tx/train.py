@@ -194,6 +194,7 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
     return pl.Trainer(
         accelerator="auto",
         devices=training.get("devices", 1),
+        num_nodes=int(training.get("num_nodes") or 1),  # multi-node: +training.num_nodes=N (Lightning env vars)
         strategy=strategy,
         precision=training.get("precision") or "32-true",
         max_steps=max_steps,
