@@ -287,10 +287,9 @@ def _fast_transfer_class(base: type) -> type:
     class StatePerturbationDataModule(base):
         def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
             if isinstance(batch, dict):
-                import torch
+                from state.utils.device import batch_to_device
 
-                return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                        for k, v in batch.items()}
+                return batch_to_device(batch, device)
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     StatePerturbationDataModule.__qualname__ = f"State{base.__name__}"

@@ -20,6 +20,7 @@ import yaml
 
 from state.io.atomic import atomic_write_h5ad
 from state.tx.predict_collect import PredictionCollector, build_anndatas
+from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 from state.utils.progress import progress
 
@@ -94,7 +95,7 @@ def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
                 if batch["pert_name"][0] != control:
                     continue
                 optimizer.zero_grad()
-                loss = model.training_step(batch, idx, padded=False)
+                loss = model.training_step(batch_to_device(batch, model.device), idx, padded=False)
                 loss.backward()
                 optimizer.step()
                 steps += 1
@@ -130,6 +131,7 @@ def predict(
     data = load_datamodule(run_dir, cfg, toml=toml)
     pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
     model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
+    model.to(inference_device())
     model.eval()
     control = str(data.get_control_pert())
     data_kwargs = cfg["data"]["kwargs"]
@@ -144,7 +146,7 @@ def predict(
     total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
     with torch.inference_mode():
         for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
-            out = model.predict_step(batch, idx, padded=False)
+            out = model.predict_step(batch_to_device(batch, model.device), idx, padded=False)
             collector.add(batch, out)
     log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
 

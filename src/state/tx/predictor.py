@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class SetPredictor:
                 item["cell_type"] = [str(c) for c in cell_types[i]]
             if batch is not None:
                 item["batch"] = torch.from_numpy(np.ascontiguousarray(batch[i]))
-            out = self.module.predict_step(item, 0, padded=False)
+            out = self.module.predict_step(batch_to_device(item, self.module.device), 0, padded=False)
             preds.append(out["preds"].float().cpu().numpy())
             decoded = out.get("pert_cell_counts_preds")
             counts.append(None if decoded is None else decoded.float().cpu().numpy())
@@ -121,6 +122,7 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
             hint="pass --checkpoint with the path to a .ckpt",
         )
     module = load_model_checkpoint(ckpt, model_name=((run.config or {}).get("model") or {}).get("name"))
+    module.to(inference_device())
     module.eval()
     hp = module.hparams
     data_kwargs = run.config.get("data", {}).get("kwargs", {}) if run.config else {}
