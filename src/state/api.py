@@ -276,41 +276,16 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
 
 def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_col, batch_col, seed,
                     max_set_len, quiet):
-    """The simulation step of ``state tx infer`` on an in-memory AnnData (same pieces, same order)."""
-    from state.tx.infer import (
-        BATCH_CANDIDATES,
-        CELLTYPE_CANDIDATES,
-        detect_column,
-        feature_reader,
-        plan_windows,
-    )
-    from state.tx.infer import simulate as run_windows
-    from state.tx.infer_run import _keep_unpredicted, write_predictions
+    """The simulation step of ``state tx infer`` on an in-memory AnnData (the very same function)."""
+    from state.tx.infer import CELLTYPE_CANDIDATES, detect_column
+    from state.tx.infer_run import simulate_anndata, write_predictions
 
-    labels = cells.obs[pert_col].astype(str).to_numpy()
     ct_col = detect_column(cells, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="celltype_col")
-    groups = cells.obs[ct_col].astype(str).to_numpy() if ct_col else np.full(cells.n_obs, "all", dtype=object)
-    batch_index = None
-    if predictor.uses_batch:
-        b_col = detect_column(cells, batch_col, (predictor.batch_col, *BATCH_CANDIDATES), flag="batch_col")
-        if b_col is None:
-            raise StateError("this model has a batch encoder but the AnnData has no batch column",
-                             hint="pass batch_col=<obs column with batch labels>")
-        batch_index = predictor.batch_indices(cells.obs[b_col].astype(str).to_numpy())
-    read, width = feature_reader(cells, embed_key)
-    predictor.check_input_width(width, embed_key=embed_key)
-    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
-    if unknown:
-        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
-                    ", ".join(unknown[:5]))
-    set_len = int(max_set_len or predictor.cell_set_len)
-    windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
-    if skipped:
-        log.warning("no control cells at all: rows of %s left unchanged", ", ".join(skipped))
-    result = run_windows(predictor, windows, read, n_cells=cells.n_obs, pert_vectors=predictor.pert_vector,
-                         batch_index=batch_index, cell_types=groups, quiet=quiet)
-    preds = _keep_unpredicted(result.preds, result.done, cells, embed_key)
-    return write_predictions(cells, preds, result.counts, embed_key=embed_key, output_space=predictor.output_space)
+    result = simulate_anndata(predictor, cells, pert_col=pert_col, control=control, embed_key=embed_key,
+                              celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
+                              quiet=quiet)
+    return write_predictions(cells, result.preds, result.counts, embed_key=embed_key,
+                             output_space=predictor.output_space)
 
 
 def _checkpoint_file(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:

@@ -14,6 +14,7 @@ from state.tx.infer import (
     BATCH_CANDIDATES,
     CELLTYPE_CANDIDATES,
     CLIP_MAX,
+    SimulationResult,
     default_output_path,
     detect_column,
     feature_reader,
@@ -137,27 +138,9 @@ def run_infer(
             f"control label '{control}' not found in obs['{pert_col}'] of {adata_path} (present: {present})",
             hint="pass --control-pert with your data's control label",
         )
-    groups = adata.obs[ct_col].astype(str).to_numpy() if ct_col else np.full(adata.n_obs, "all", dtype=object)
-    batch_index = None
-    if predictor.uses_batch:
-        b_col = detect_column(adata, batch_col, (predictor.batch_col, *BATCH_CANDIDATES), flag="--batch-col")
-        if b_col is None:
-            raise StateError("this model has a batch encoder but the input has no batch column",
-                             hint="pass --batch-col naming the obs column with batch labels")
-        batch_index = predictor.batch_indices(adata.obs[b_col].astype(str).to_numpy())
-
-    set_len = int(max_set_len or predictor.cell_set_len)
-    read, width = feature_reader(adata, embed_key)
-    predictor.check_input_width(width, embed_key=embed_key)
-    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
-    if unknown:
-        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
-                    ", ".join(unknown[:5]))
-    windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
-    if skipped:
-        log.warning("no control cells at all: rows of %s left unchanged", ", ".join(skipped))
-    result = simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
-                      batch_index=batch_index, cell_types=groups, quiet=quiet)
+    result = simulate_anndata(predictor, adata, pert_col=pert_col, control=control, embed_key=embed_key,
+                              celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
+                              quiet=quiet, flag_prefix="--")
 
     if output.suffix.lower() == ".npy":
         main = result.preds  # float32, clipped in place: no output-sized copies
@@ -166,14 +149,59 @@ def run_infer(
         with atomic_path(output) as tmp:
             np.save(tmp, main.astype(np.float32, copy=False))
         return output
-    preds = _keep_unpredicted(result.preds, result.done, adata, embed_key)
-    adata = write_predictions(adata, preds, result.counts, embed_key=embed_key,
+    adata = write_predictions(adata, result.preds, result.counts, embed_key=embed_key,
                               output_space=predictor.output_space)
     atomic_write_h5ad(adata, output)
     return output
 
 
-def _keep_unpredicted(preds: np.ndarray, done: np.ndarray, adata: ad.AnnData, embed_key: str | None) -> np.ndarray:
+def simulate_anndata(
+    predictor,
+    adata: ad.AnnData,
+    *,
+    pert_col: str,
+    control: str,
+    embed_key: str | None,
+    celltype_col: str | None,
+    batch_col: str | None,
+    seed: int,
+    max_set_len: int | None,
+    quiet: bool = False,
+    flag_prefix: str = "",
+) -> SimulationResult:
+    """Simulate every row of an in-memory AnnData (the core of ``state tx infer`` and ``api``).
+
+    ``celltype_col`` None means one group; ``flag_prefix`` only shapes error messages
+    (``--batch-col`` for the CLI, ``batch_col`` for the API).
+    """
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    groups = (adata.obs[celltype_col].astype(str).to_numpy() if celltype_col
+              else np.full(adata.n_obs, "all", dtype=object))
+    batch_index = None
+    if predictor.uses_batch:
+        flag = f"{flag_prefix}batch-col" if flag_prefix else "batch_col"
+        b_col = detect_column(adata, batch_col, (predictor.batch_col, *BATCH_CANDIDATES), flag=flag)
+        if b_col is None:
+            raise StateError("this model has a batch encoder but the input has no batch column",
+                             hint=f"pass {flag} naming the obs column with batch labels")
+        batch_index = predictor.batch_indices(adata.obs[b_col].astype(str).to_numpy())
+    read, width = feature_reader(adata, embed_key)
+    predictor.check_input_width(width, embed_key=embed_key)
+    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
+    if unknown:
+        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
+                    ", ".join(unknown[:5]))
+    set_len = int(max_set_len or predictor.cell_set_len)
+    windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
+    if skipped:
+        log.warning("no control cells at all: rows of %s left unchanged", ", ".join(skipped))
+    result = simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
+                      batch_index=batch_index, cell_types=groups, quiet=quiet)
+    result.preds = keep_unpredicted(result.preds, result.done, adata, embed_key)
+    return result
+
+
+def keep_unpredicted(preds: np.ndarray, done: np.ndarray, adata: ad.AnnData, embed_key: str | None) -> np.ndarray:
     """Rows that could not be simulated (no control anywhere) keep their input values."""
     if done.all():
         return preds
