@@ -217,6 +217,7 @@ class Run:
         seed: int = 42,
         max_set_len: int | None = None,
         quiet: bool = True,
+        unknown_as_control: bool = False,
     ) -> ad.AnnData:
         """Simulate perturbations on the cells of ``adata``; returns a new AnnData (the input is untouched).
 
@@ -226,7 +227,8 @@ class Run:
         clones per name (default: as many as there are control cells), as ``infer --tsv`` does.
         The input's own cells stay in the result, controls included, so it can be scored or
         submitted as is; keep ``result[result.obs[pert_col] != run.control_pert]`` for the
-        perturbed cells only.
+        perturbed cells only. Perturbations the model does not know are refused unless
+        ``unknown_as_control=True`` (then they get the control vector, as in arc-state).
 
         Features are read from ``obsm[embed_key]``; the default is the key the model was trained
         on (``"X"`` forces ``.X``). Predictions land where ``infer`` puts them: ``obsm[embed_key]``
@@ -253,7 +255,7 @@ class Run:
             cells = infer_edits.pad_from_tsv(cells, requests, pert_col=pert_col, control=control, seed=seed)
         return _simulate_cells(self.predictor, cells, pert_col=pert_col, control=control, embed_key=features,
                                celltype_col=celltype_col, batch_col=batch_col, seed=seed,
-                               max_set_len=max_set_len, quiet=quiet)
+                               max_set_len=max_set_len, quiet=quiet, unknown_as_control=unknown_as_control)
 
     def _embed_key(self, embed_key: str | None) -> str | None:
         if embed_key == "X":
@@ -275,7 +277,7 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
 
 
 def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_col, batch_col, seed,
-                    max_set_len, quiet):
+                    max_set_len, quiet, unknown_as_control=False):
     """The simulation step of ``state tx infer`` on an in-memory AnnData (the very same function)."""
     from state.tx.infer import CELLTYPE_CANDIDATES, detect_column
     from state.tx.infer_run import simulate_anndata, write_predictions
@@ -283,7 +285,7 @@ def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_
     ct_col = detect_column(cells, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="celltype_col")
     result = simulate_anndata(predictor, cells, pert_col=pert_col, control=control, embed_key=embed_key,
                               celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
-                              quiet=quiet)
+                              quiet=quiet, unknown_as_control=unknown_as_control)
     return write_predictions(cells, result.preds, result.counts, embed_key=embed_key,
                              output_space=predictor.output_space)
 

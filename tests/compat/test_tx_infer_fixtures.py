@@ -19,7 +19,7 @@ INPUT = FIX / "state_llama" / "infer_input.h5ad"
 def _infer(tmp_path: Path, model: str, *extra: str, output: str = "out.h5ad") -> Path:
     out = tmp_path / output
     argv = ["tx", "infer", "--model-dir", str(FIX / model / "run"), "--adata", str(INPUT), "--pert-col", "gene",
-            "--embed-key", "X_hvg", "--output", str(out), "--seed", "42", "--quiet", *extra]
+            "--embed-key", "X_hvg", "--output", str(out), "--seed", "42", "--quiet", "--unknown-as-control", *extra]
     assert main(argv) == 0
     return out
 
@@ -83,7 +83,7 @@ def test_infer_bad_input_is_one_line(tmp_path, capsys, args, message):
             "--embed-key": "X_hvg", "--output": str(out)}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = str(tmp_path / value) if flag == "--output" else value
-    argv = ["tx", "infer", *[x for kv in base.items() for x in kv]]
+    argv = ["tx", "infer", *[x for kv in base.items() for x in kv], "--unknown-as-control"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
@@ -94,7 +94,7 @@ def test_infer_refuses_width_mismatch(tmp_path, capsys):
     # .X has 256 genes, the model was trained on 64-d X_hvg: say so instead of a shape error.
     out = tmp_path / "o.h5ad"
     rc = main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(INPUT),
-               "--pert-col", "gene", "--output", str(out)])
+               "--pert-col", "gene", "--output", str(out), "--unknown-as-control"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "256 columns but the model expects 64" in err and "--embed-key X_hvg" in err
@@ -127,8 +127,90 @@ def test_preprocess_infer_template_feeds_infer(tmp_path):
                  "--control_condition", "non-targeting", "--pert_col", "gene", "--seed", "1"]) == 0
     out = tmp_path / "sim.h5ad"
     assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(template),
-                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out), "--quiet"]) == 0
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out), "--quiet",
+                 "--unknown-as-control"]) == 0
     sim, src = ad.read_h5ad(out), ad.read_h5ad(template)
     assert sim.obs.equals(src.obs)
     assert sim.obsm["X_hvg"].shape == src.obsm["X_hvg"].shape
     assert not np.array_equal(sim.obsm["X_hvg"], src.obsm["X_hvg"])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_unknown_perturbations_are_refused_by_default(tmp_path, capsys):
+    out = tmp_path / "o.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(INPUT),
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "1 perturbation(s)" in line and "TXG_UNSEEN" in line and "--unknown-as-control" in line
+    assert not out.exists()
+
+
+def test_cell_type_without_controls_is_refused(tmp_path, capsys):
+    adata = ad.read_h5ad(INPUT)
+    keep = ~((adata.obs["cell_type"] == "ctA") & (adata.obs["gene"] == "non-targeting")).to_numpy()
+    path = tmp_path / "no_ctA_controls.h5ad"
+    adata[keep].copy().write_h5ad(path)
+    out = tmp_path / "o.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(path),
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out), "--unknown-as-control"]) == 2
+    line = _one_line_error(capsys)
+    assert "ctA" in line and "--celltypes" in line and not out.exists()
+
+
+@pytest.mark.parametrize("missing", ["var_dims.pkl", "pert_onehot_map.pt", "config.yaml"])
+def test_run_dir_missing_a_file_names_it(tmp_path, capsys, missing):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(FIX / "state_llama" / "run", run)
+    (run / missing).unlink()
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(INPUT), "--pert-col", "gene",
+                 "--embed-key", "X_hvg", "--output", str(tmp_path / "o.h5ad")]) == 2
+    assert missing in _one_line_error(capsys)
+
+
+def test_se_model_passed_as_run_dir_says_so(tmp_path, capsys):
+    se_folder = FIX.parent / "emb" / "se_tiny" / "model"
+    assert main(["tx", "infer", "--model-dir", str(se_folder), "--adata", str(INPUT), "--pert-col", "gene",
+                 "--output", str(tmp_path / "o.h5ad")]) == 2
+    assert "State Embedding (SE) model folder" in _one_line_error(capsys)
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--checkpoint",
+                 str(se_folder / "last.ckpt"), "--adata", str(INPUT), "--pert-col", "gene", "--embed-key", "X_hvg",
+                 "--output", str(tmp_path / "o.h5ad")]) == 2
+    assert "State Embedding (SE) checkpoint" in _one_line_error(capsys)
+
+
+def test_output_equal_to_input_and_negative_tsv_counts(tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "in.h5ad"
+    shutil.copy(INPUT, copy)
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(copy),
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(copy)]) == 2
+    assert "is the input file" in _one_line_error(capsys)
+    tsv = tmp_path / "req.tsv"
+    tsv.write_text("perturbation\tnum_cells\nTXG0057\t-3\n")
+    out = tmp_path / "o.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--adata", str(INPUT),
+                 "--pert-col", "gene", "--embed-key", "X_hvg", "--output", str(out), "--tsv", str(tsv)]) == 2
+    assert "non-negative" in _one_line_error(capsys) and not out.exists()
+
+
+def test_genes_are_aligned_to_the_model_or_refused(tmp_path, capsys):
+    from state.tx.predictor import load_predictor
+
+    predictor = load_predictor(FIX / "state_llama" / "run")
+    genes = [f"G{i}" for i in range(6)]
+    predictor.genes, predictor.input_dim, predictor.model_embed_key = genes, 6, None  # a model trained on .X
+    shuffled = ad.AnnData(X=np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::-1].copy(),
+                          var=__import__("pandas").DataFrame(index=genes[::-1]))
+    aligned = predictor.align_genes(shuffled)
+    assert list(aligned.var_names) == genes
+    np.testing.assert_array_equal(aligned.X, np.arange(24, dtype=np.float32).reshape(4, 6))
+    with pytest.raises(Exception, match="2 of the model's 6 genes are missing"):
+        predictor.align_genes(shuffled[:, 2:].copy())

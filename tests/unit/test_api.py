@@ -97,7 +97,10 @@ def llama_run():
 def test_run_predict_reproduces_arc_state_infer(llama_run):
     cells = ad.read_h5ad(LLAMA / "infer_input.h5ad")
     before = cells.obsm["X_hvg"].copy()
-    out = llama_run.predict(cells, pert_col="gene", seed=42)  # embed key: the model's own (X_hvg)
+    with pytest.raises(StateError, match="TXG_UNSEEN"):  # unknown perturbations are refused by default
+        llama_run.predict(cells, pert_col="gene", seed=42)
+    # embed key: the model's own (X_hvg); arc-state treats unknown labels as controls
+    out = llama_run.predict(cells, pert_col="gene", seed=42, unknown_as_control=True)
     expected = ad.read_h5ad(LLAMA / "infer_expected.h5ad")
     np.testing.assert_allclose(out.obsm["X_hvg"], expected.obsm["X_hvg"], atol=1e-5, rtol=1e-5)
     assert out.obs.equals(expected.obs)
@@ -134,7 +137,7 @@ def test_load_run_checkpoint_names_and_errors(llama_run, tmp_path):
     with pytest.raises(StateError, match="control label 'DMSO' not found"):
         llama_run.predict(cells, pert_col="gene", control_pert="DMSO")
     with pytest.raises(StateError, match="256 columns but the model expects 64"):
-        llama_run.predict(cells, pert_col="gene", embed_key="X")
+        llama_run.predict(cells, pert_col="gene", embed_key="X", unknown_as_control=True)
     with pytest.raises(StateError, match="negative cell counts"):
         llama_run.predict(cells, pert_col="gene", perturbations={"TXG0057": -1})
 

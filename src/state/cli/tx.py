@@ -79,6 +79,9 @@ def _add_infer(sub) -> None:
                    help="pad each perturbation to at least N cells")
     p.add_argument("--max-cells", "--max_cells", dest="max_cells", type=int, default=None,
                    help="subsample perturbations above N cells")
+    _bool_flag(p, "--unknown-as-control", "--unknown_as_control",
+               help="simulate perturbations the model does not know with the control vector "
+               "(arc-state's silent behaviour) instead of stopping")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
     p.set_defaults(handler="state.tx.cli_handlers:infer")

@@ -199,6 +199,7 @@ def infer_cli(args: argparse.Namespace) -> int:
         virtual_cells_per_pert=args.virtual_cells_per_pert,
         min_cells=args.min_cells,
         max_cells=args.max_cells,
+        unknown_as_control=args.unknown_as_control,
     )
     log.info("wrote %s", output)
     return 0

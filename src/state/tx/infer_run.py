@@ -98,6 +98,7 @@ def run_infer(
     virtual_cells_per_pert: int | None = None,
     min_cells: int | None = None,
     max_cells: int | None = None,
+    unknown_as_control: bool = False,
 ) -> Path:
     from state.tx.predictor import load_predictor
 
@@ -140,7 +141,7 @@ def run_infer(
         )
     result = simulate_anndata(predictor, adata, pert_col=pert_col, control=control, embed_key=embed_key,
                               celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
-                              quiet=quiet, flag_prefix="--")
+                              quiet=quiet, unknown_as_control=unknown_as_control, flag_prefix="--")
 
     if output.suffix.lower() == ".npy":
         main = result.preds  # float32, clipped in place: no output-sized copies
@@ -167,6 +168,7 @@ def simulate_anndata(
     seed: int,
     max_set_len: int | None,
     quiet: bool = False,
+    unknown_as_control: bool = False,
     flag_prefix: str = "",
 ) -> SimulationResult:
     """Simulate every row of an in-memory AnnData (the core of ``state tx infer`` and ``api``).
@@ -185,12 +187,12 @@ def simulate_anndata(
             raise StateError("this model has a batch encoder but the input has no batch column",
                              hint=f"pass {flag} naming the obs column with batch labels")
         batch_index = predictor.batch_indices(adata.obs[b_col].astype(str).to_numpy())
+    if embed_key is None:
+        adata = predictor.align_genes(adata)
     read, width = feature_reader(adata, embed_key)
     predictor.check_input_width(width, embed_key=embed_key)
-    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
-    if unknown:
-        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
-                    ", ".join(unknown[:5]))
+    check_labels(labels, groups, predictor, control=control, unknown_as_control=unknown_as_control,
+                 flag_prefix=flag_prefix)
     set_len = int(max_set_len or predictor.cell_set_len)
     windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
     if skipped:
@@ -199,6 +201,31 @@ def simulate_anndata(
                       batch_index=batch_index, cell_types=groups, quiet=quiet)
     result.preds = keep_unpredicted(result.preds, result.done, adata, embed_key)
     return result
+
+
+def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: str, unknown_as_control: bool,
+                 flag_prefix: str = "") -> None:
+    """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
+    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
+    if unknown and not unknown_as_control:
+        flag = f"{flag_prefix}unknown-as-control" if flag_prefix else "unknown_as_control=True"
+        raise StateError(
+            f"{len(unknown)} perturbation(s) in the input are unknown to the model: {', '.join(unknown[:10])}"
+            + (", ..." if len(unknown) > 10 else ""),
+            hint=f"check the labels, or pass {flag} to simulate them with the control vector (as arc-state does)",
+        )
+    if unknown:
+        log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
+                    ", ".join(unknown[:10]))
+    is_control = labels == control
+    lacking = sorted(str(g) for g in np.unique(groups) if not is_control[groups == g].any())
+    if lacking and is_control.any():
+        flag = f"{flag_prefix}celltypes" if flag_prefix else "celltypes"
+        raise StateError(
+            f"no control cells ('{control}') in cell type(s) {', '.join(lacking[:10])}: their basal cells "
+            "would come from other cell types",
+            hint=f"add control cells of those cell types, or leave them out with {flag}",
+        )
 
 
 def keep_unpredicted(preds: np.ndarray, done: np.ndarray, adata: ad.AnnData, embed_key: str | None) -> np.ndarray:

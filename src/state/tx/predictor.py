@@ -32,6 +32,7 @@ class SetPredictor:
     output_space: str
     input_dim: int | None
     model_embed_key: str | None
+    genes: list[str] | None = None  # the model's input gene order, when its input is .X
     _batch_lookup: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,33 @@ class SetPredictor:
                 else "use the same features (genes / embedding) the model was trained on",
             )
 
+    def align_genes(self, adata):
+        """Input genes in the model's order: reorder (and drop extras) when needed, refuse missing ones."""
+        import pandas as pd
+
+        genes = self.genes
+        if self.model_embed_key or not genes or self.input_dim is None or len(genes) != self.input_dim:
+            return adata  # the model reads an embedding, or its gene list does not describe its input
+        candidates = [adata.var_names.astype(str)]
+        if "gene_name" in adata.var.columns:
+            candidates.append(pd.Index(adata.var["gene_name"].astype(str)))
+        names = max(candidates, key=lambda idx: len(set(idx) & set(genes)))
+        if list(names) == genes:
+            return adata
+        missing = [g for g in genes if g not in set(names)]
+        if missing:
+            raise StateError(
+                f"{len(missing)} of the model's {len(genes)} genes are missing from the input "
+                f"(e.g. {', '.join(missing[:10])})",
+                hint="use the genes the model was trained on (listed in vocab/genes.tsv of the run directory)",
+            )
+        if names.duplicated().any():
+            raise StateError(f"the input has duplicated gene names (e.g. {names[names.duplicated()][0]})",
+                             hint="make gene names unique (adata.var_names_make_unique())")
+        log.info("input genes reordered to the model's gene order (%d genes, %d extra dropped)",
+                 len(genes), len(names) - len(genes))
+        return adata[:, names.get_indexer(genes)].copy()
+
     def predict_sets(self, *, ctrl, pert, batch, pert_names, own=None, cell_types=None):
         """Predict B independent sets: ctrl/own [B,S,D], pert [B,S,P], batch [B,S] or None.
 
@@ -112,6 +140,9 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise StateError(f"--model-dir {model_dir} is not a folder", hint="pass the run directory written by train")
+    if not (model_dir / "config.yaml").is_file() and any(model_dir.glob("protein_embeddings*.pt")):
+        raise StateError(f"{model_dir} is a State Embedding (SE) model folder, not a tx run directory",
+                         hint="use it with `state emb transform --model-folder`; infer needs a `state tx train` run")
     run = load_run_dir(model_dir)
     ckpt = Path(checkpoint) if checkpoint else model_dir / "checkpoints" / "final.ckpt"
     if not ckpt.is_file():
@@ -138,4 +169,5 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
         output_space=str(hp.get("output_space") or data_kwargs.get("output_space") or "gene"),
         input_dim=int(hp["input_dim"]) if hp.get("input_dim") is not None else None,
         model_embed_key=hp.get("embed_key") or data_kwargs.get("embed_key"),
+        genes=[str(g) for g in run.genes] or None,
     )

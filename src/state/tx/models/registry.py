@@ -148,8 +148,11 @@ def load_model_checkpoint(path: str | Path, *, model_name: Any = None, **overrid
     ``overrides`` replace saved hyper-parameters (arc-state's predict passes the current var_dims
     and model kwargs this way). Returns the module in eval mode.
     """
-    from state.tx.checkpoint import build_from_checkpoint, read_checkpoint
+    from state.tx.checkpoint import KIND_SE, build_from_checkpoint, checkpoint_kind, read_checkpoint
 
     checkpoint = read_checkpoint(path)
+    if checkpoint_kind(checkpoint) == KIND_SE:
+        raise StateError(f"{path} is a State Embedding (SE) checkpoint, not a tx model",
+                         hint="use it with `state emb transform`; pass a checkpoint written by `state tx train`")
     entry = entry_for_checkpoint(checkpoint, model_name)
     return build_from_checkpoint(model_class(entry.canonical), checkpoint, path=path, overrides=overrides)
