@@ -149,10 +149,14 @@ def transform_cmd(tool: str, path: Path, out: Path, batch_size: int | None) -> l
 
 
 def timed(tool: str, path: Path, out: Path, args) -> Run:
-    log = out.with_suffix(".log")
-    run = run_cmd(transform_cmd(tool, path, out, args.batch_size), env=bench_env(args.threads), log_path=log)
+    """Wall time of one transform; peak RSS from GNU time's %M. (os.wait4 on a child that Python spawned
+    reports at least the spawning process's own peak, because the child starts from its memory image.)"""
+    log, rss = out.with_suffix(".log"), out.with_suffix(".maxrss")
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss)] + transform_cmd(tool, path, out, args.batch_size)
+    run = run_cmd(cmd, env=bench_env(args.threads), log_path=log)
     if run.returncode != 0:
         raise RuntimeError(f"{tool} failed (rc {run.returncode}):\n{log.read_text()[-3000:]}")
+    run.peak_rss_mib = int(rss.read_text().split()[-1]) / 1024  # KiB; the largest single process, not a sum
     return run
 
 

@@ -56,10 +56,8 @@ def load_run_config(output_dir: Path) -> dict:
 
 def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     """Rebuild cell-load's data module from ``data_module.torch`` (read safely), relocating its TOML."""
-    from cell_load.data_modules import PerturbationDataModule
-
     from state.io.safe_load import safe_torch_load
-    from state.tx.data import cap_num_workers
+    from state.tx.data import cap_num_workers, state_data_module_class
 
     state = dict(safe_torch_load(run_dir / "data_module.torch", what="data module state"))
     candidates = [toml, state.get("toml_config_path"), cfg["data"]["kwargs"].get("toml_config_path")]
@@ -72,7 +70,7 @@ def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     state["toml_config_path"] = str(Path(chosen).resolve())
     state["num_workers"] = cap_num_workers(state.get("num_workers", 0))
     state.setdefault("barcode", True)
-    module = PerturbationDataModule(**state)
+    module = state_data_module_class()(**state)
     module.setup()
     return module
 
