@@ -256,11 +256,11 @@ def write_ratio_md(args, sizes, ours_only, paths, runs, agree) -> None:
     ours_rate = steady_rate(runs, "ours", o_lo, o_hi)
     lines += ["", f"Steady state (cells/s from the difference of two sizes' median wall times, so start-up cancels): "
               f"arc-state {arc_rate:,.1f} cells/s ({lo:,} vs {hi:,} cells), ours **{ours_rate:,.0f} cells/s** "
-              f"({o_lo:,} vs {o_hi:,} cells): **{ours_rate / arc_rate:,.0f}x**."]
+              f"({o_lo:,} vs {o_hi:,} cells): **{ours_rate / arc_rate:,.1f}x**."]
     lines += ["", f"Agreement: on a tie-free input ({agree['cells']:,} cells, each with >= 63 distinct-valued "
               "vocabulary genes, so neither tool samples) the two outputs differ by at most "
               f"{agree['max_abs']:.1e} (all 42 columns); the per-cell cosine of the L2-normalised cell part is >= "
-              f"{agree['min_cos']:.6f} (for scale: the median cosine between two different cells is "
+              f"{agree['min_cos']:.7f} (for scale: the median cosine between two different cells is "
               f"{agree['between_cells_cos']:.4f} with this tiny model)."]
     md_section("bench_emb_transform_ratio", lines)
 

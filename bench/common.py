@@ -65,19 +65,27 @@ class Run:
 
 
 def run_cmd(cmd: list[str], *, env: dict[str, str], log_path: Path | None = None, cwd: Path | None = None) -> Run:
-    """Run ``cmd``; wall time and the child's own peak RSS. Output goes to ``log_path`` (or is dropped)."""
+    """Run ``cmd``; wall time and the child's own peak RSS. Output goes to ``log_path`` (or is dropped).
+
+    Peak RSS comes from GNU time's %M: ``ru_maxrss`` of a child that Python forked also counts the
+    parent's resident pages at fork time, which overstates small children of a large parent.
+    """
+    import tempfile
+
     load_before = os.getloadavg()[0]
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    try:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if log_path:
-            sink.close()
-    return Run(seconds=seconds, peak_rss_mib=usage.ru_maxrss / 1024, load_before=load_before,
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        try:
+            start = time.perf_counter()
+            proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], env=env, stdout=sink,
+                                  stderr=subprocess.STDOUT, cwd=cwd, check=False)
+            seconds = time.perf_counter() - start
+        finally:
+            if log_path:
+                sink.close()
+        text = Path(rss.name).read_text().strip().splitlines()
+        peak_kib = float(text[-1]) if text and text[-1].strip().isdigit() else float("nan")
+    return Run(seconds=seconds, peak_rss_mib=peak_kib / 1024, load_before=load_before,
                load_after=os.getloadavg()[0], returncode=proc.returncode)
 
 
