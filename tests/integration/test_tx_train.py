@@ -241,3 +241,11 @@ def test_num_nodes_reaches_the_trainer(tmp_path):
     plain = OmegaConf.to_container(cfg, resolve=True)
     trainer = _trainer(plain, tmp_path, max_steps=1, loggers=[], model_name="state", strategy="ddp")
     assert trainer.num_nodes == 2
+
+
+def test_train_uses_arc_state_matmul_precision_and_restores_it(synth, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("state.tx.train._train", lambda cfg: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    train(compose_tx_config(_train_args(synth, tmp_path, "prec", *TINY_STATE)))
+    assert seen == ["medium"] and torch.get_float32_matmul_precision() == before

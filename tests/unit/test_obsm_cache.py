@@ -6,8 +6,8 @@ import pickle
 
 import numpy as np
 import torch
-from helpers.synthetic import make_processed_dataset, write_toml
 
+from helpers.synthetic import make_processed_dataset, write_toml
 from state.tx import obsm_cache
 from state.tx.data import state_data_module_class
 

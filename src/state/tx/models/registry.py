@@ -22,7 +22,7 @@ class ModelEntry:
     """A registered model: where its class lives and how ``train`` treats it."""
 
     canonical: str
-    target: str | None  # "module:Class"; None = accepted by arc-state but not implemented here yet
+    target: str  # "module:Class", imported only when the model is used
     forced_max_steps: int | None = None  # statistics baselines finish in one step
     passes_basal_mapping_strategy: bool = False  # arc-state adds this kwarg for the state model only
     checkpoint_marker: str | None = None  # a top-level checkpoint key that identifies the class
@@ -60,25 +60,18 @@ ALIASES: dict[str, str] = {
 
 
 def available_models() -> list[str]:
-    """Names that train today (canonical names and their aliases)."""
-    names = [e.canonical for e in _ENTRIES if e.target]
-    names += [alias for alias, target in ALIASES.items() if _BY_NAME[target].target]
-    return sorted(names)
+    """Every accepted ``model.name`` (canonical names and arc-state's aliases)."""
+    return sorted([e.canonical for e in _ENTRIES] + list(ALIASES))
 
 
 def model_entry(name: Any) -> ModelEntry:
-    """Look a ``model.name`` up; unknown or not-yet-implemented names raise a one-line StateError."""
+    """Look a ``model.name`` up (case-insensitive, aliases allowed); unknown names raise a one-line StateError."""
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
     entry = _BY_NAME.get(key)
     choices = ", ".join(available_models())
     if entry is None:
         raise StateError(f"unknown model.name '{name}'", hint=f"use one of: {choices} (e.g. model=state)")
-    if entry.target is None:
-        raise StateError(
-            f"model '{name}' is not implemented in this version of state",
-            hint=f"use one of: {choices}",
-        )
     return entry
 
 
