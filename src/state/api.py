@@ -346,14 +346,10 @@ def embed(
 
 
 def _obsm_matrix(adata: ad.AnnData, embed_key: str) -> np.ndarray:
-    if embed_key not in adata.obsm:
-        raise StateError(f"obsm['{embed_key}'] not found (obsm keys: {', '.join(adata.obsm.keys()) or 'none'})",
-                         hint="run api.embed(adata, key_added=...) first or pass embed_key=<existing key>")
-    matrix = adata.obsm[embed_key]
-    matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    if matrix.ndim != 2:
-        raise StateError(f"obsm['{embed_key}'] is not a 2-D matrix")
-    return np.asarray(matrix, dtype=np.float32)
+    from state.io.anndata_checks import obsm_matrix
+
+    return obsm_matrix(adata, embed_key,
+                       hint="run api.embed(adata, key_added=...) first or pass embed_key=<existing key>")
 
 
 def build_vector_store(

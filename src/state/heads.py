@@ -155,12 +155,9 @@ def load_head(path: str | os.PathLike) -> Head:
 
 
 def _features(adata: ad.AnnData, embed_key: str) -> np.ndarray:
-    if embed_key not in adata.obsm:
-        raise StateError(f"obsm['{embed_key}'] not found (obsm keys: {', '.join(adata.obsm.keys()) or 'none'})",
-                         hint="pass embed_key=<existing obsm key>, e.g. X_state after api.embed")
-    matrix = adata.obsm[embed_key]
-    matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    return np.ascontiguousarray(matrix, dtype=np.float32)
+    from state.io.anndata_checks import obsm_matrix
+
+    return obsm_matrix(adata, embed_key, hint="pass embed_key=<existing obsm key>, e.g. X_state after api.embed")
 
 
 def _targets(adata: ad.AnnData, target: str, task: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:

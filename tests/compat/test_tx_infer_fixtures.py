@@ -179,6 +179,8 @@ def test_se_model_passed_as_run_dir_says_so(tmp_path, capsys):
     assert main(["tx", "infer", "--model-dir", str(se_folder), "--adata", str(INPUT), "--pert-col", "gene",
                  "--output", str(tmp_path / "o.h5ad")]) == 2
     assert "State Embedding (SE) model folder" in _one_line_error(capsys)
+    assert main(["tx", "predict", "--output-dir", str(se_folder)]) == 2
+    assert "State Embedding (SE) model folder" in _one_line_error(capsys)
     assert main(["tx", "infer", "--model-dir", str(FIX / "state_llama" / "run"), "--checkpoint",
                  str(se_folder / "last.ckpt"), "--adata", str(INPUT), "--pert-col", "gene", "--embed-key", "X_hvg",
                  "--output", str(tmp_path / "o.h5ad")]) == 2

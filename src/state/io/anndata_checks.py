@@ -224,3 +224,17 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
             f"output folder {ancestor} is not writable", hint="choose an output path in a folder you can write to"
         )
     return out
+
+
+def obsm_matrix(adata, embed_key: str, *, hint: str = "pass embed_key=<existing obsm key>"):
+    """``adata.obsm[embed_key]`` as a dense C-contiguous float32 2-D array, or a one-line error."""
+    import numpy as np
+
+    if embed_key not in adata.obsm:
+        raise StateError(f"obsm['{embed_key}'] not found (obsm keys: {', '.join(adata.obsm.keys()) or 'none'})",
+                         hint=hint)
+    matrix = adata.obsm[embed_key]
+    matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    if matrix.ndim != 2:
+        raise StateError(f"obsm['{embed_key}'] is not a 2-D matrix (shape {matrix.shape})", hint=hint)
+    return np.ascontiguousarray(matrix, dtype=np.float32)

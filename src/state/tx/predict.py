@@ -44,6 +44,9 @@ def resolve_run_dir(output_dir: Path, cfg: dict) -> Path:
 
 
 def load_run_config(output_dir: Path) -> dict:
+    from state.tx.rundir import refuse_se_folder
+
+    refuse_se_folder(output_dir)
     path = output_dir / "config.yaml"
     if not path.is_file():
         raise StateError(f"{path} not found", hint="--output-dir must be a run directory written by `state tx train`")

@@ -135,14 +135,12 @@ class SetPredictor:
 def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) -> SetPredictor:
     """Load a run directory (ours or arc-state's) and a checkpoint for inference."""
     from state.tx.models.registry import load_model_checkpoint
-    from state.tx.rundir import load_run_dir
+    from state.tx.rundir import load_run_dir, refuse_se_folder
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise StateError(f"--model-dir {model_dir} is not a folder", hint="pass the run directory written by train")
-    if not (model_dir / "config.yaml").is_file() and any(model_dir.glob("protein_embeddings*.pt")):
-        raise StateError(f"{model_dir} is a State Embedding (SE) model folder, not a tx run directory",
-                         hint="use it with `state emb transform --model-folder`; infer needs a `state tx train` run")
+    refuse_se_folder(model_dir)
     run = load_run_dir(model_dir)
     ckpt = Path(checkpoint) if checkpoint else model_dir / "checkpoints" / "final.ckpt"
     if not ckpt.is_file():

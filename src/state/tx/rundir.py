@@ -162,6 +162,14 @@ def write_var_dims(run_dir: Path, var_dims: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def refuse_se_folder(folder: str | Path) -> None:
+    """A State Embedding model folder (checkpoint + protein embeddings, no config.yaml) is not a tx run."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() and any(folder.glob("protein_embeddings*.pt")):
+        raise StateError(f"{folder} is a State Embedding (SE) model folder, not a tx run directory",
+                         hint="use it with `state emb transform --model-folder`; pass a `state tx train` run here")
+
+
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     import yaml
 
