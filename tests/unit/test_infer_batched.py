@@ -1,4 +1,9 @@
-"""The batched inference path (``StateTransitionPerturbationModel.predict_sets``) equals the per-set path."""
+"""The batched inference path equals the per-set path.
+
+``infer`` rebuilds the state model without Lightning (``TransitionInferenceModel.predict_sets``,
+one forward for many sets, the perturbation encoded once per set); the reference is the
+LightningModule's ``predict_step`` called once per set, as arc-state does.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from state.tx.inference_net import TransitionInferenceModel
+from state.tx.models.registry import load_model_checkpoint
 from state.tx.predictor import load_predictor
 
 FIX = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
@@ -35,9 +42,9 @@ def test_batched_sets_equal_per_set_calls(model, set_len):
     if not run.is_dir():
         pytest.skip(f"{model} fixture not copied")
     predictor = load_predictor(run)
-    module = predictor.module
-    assert not module.training
-    assert hasattr(module, "predict_sets")  # the batched path is the one under test
+    assert isinstance(predictor.module, TransitionInferenceModel)  # the lean batched path is under test
+    assert not predictor.module.training
+    module = load_model_checkpoint(run / "checkpoints" / "final.ckpt")  # the LightningModule
     rng = np.random.default_rng(0)
     n_sets = 6
     ctrl = rng.gamma(1.0, 1.0, size=(n_sets, set_len, predictor.input_dim)).astype(np.float32)
@@ -74,3 +81,19 @@ def test_batch_indices_change_the_batched_prediction():
         ones, _ = predictor.predict_sets(ctrl=ctrl, pert=pert, batch=np.ones((2, 8), dtype=np.int64),
                                          pert_names=["a", "a"])
     assert not np.allclose(zeros, ones)
+
+
+def test_loading_a_state_run_for_inference_does_not_import_lightning():
+    """``infer`` rebuilds the state net without Lightning (whose import cost seconds per run)."""
+    import subprocess
+    import sys
+
+    run = FIX / "state_llama" / "run"
+    if not run.is_dir():
+        pytest.skip("state_llama fixture not copied")
+    code = (
+        "import sys; from state.tx.predictor import load_predictor; p = load_predictor(sys.argv[1]); "
+        "print(type(p.module).__name__, 'lightning' in sys.modules, 'torchmetrics' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["TransitionInferenceModel", "False", "False"]

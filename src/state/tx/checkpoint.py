@@ -90,8 +90,15 @@ def build_from_checkpoint(
     hparams.update(overrides or {})
     model = model_cls(**hparams)
     model.on_load_checkpoint(dict(ckpt))
+    load_weights(model, ckpt["state_dict"], path=path, strict=strict)
+    model.eval()
+    return model
+
+
+def load_weights(model: Any, state_dict: Mapping[str, Any], *, path: str | os.PathLike, strict: bool = True) -> None:
+    """``model.load_state_dict`` with a one-line error naming the checkpoint when shapes/keys differ."""
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=strict)
+        model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) or first[0]
@@ -99,8 +106,6 @@ def build_from_checkpoint(
             f"{path}: weights do not fit the model rebuilt from its hyper_parameters ({detail[:300]})",
             hint="do not override architecture settings when loading, or re-train",
         ) from exc
-    model.eval()
-    return model
 
 
 def load_state_transition(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -54,28 +55,34 @@ def plan_windows(
     Returns the windows and the groups skipped for lack of any control cell.
     """
     rng = np.random.RandomState(seed)
+    # Integer codes (hash-based, uniques sorted as np.unique sorts them) instead of repeated
+    # comparisons and sorts of string arrays: the same windows, several times faster on big inputs.
+    label_codes, label_names = pd.factorize(labels, sort=True)
+    group_codes, group_names = pd.factorize(groups, sort=True)
     is_control = labels == control
     all_controls = np.flatnonzero(is_control)
+    rows_by_group = np.argsort(group_codes, kind="stable")
+    group_bounds = np.concatenate([[0], np.cumsum(np.bincount(group_codes, minlength=len(group_names)))])
     windows: list[Window] = []
     skipped: list[str] = []
-    for group in np.unique(groups):
-        in_group = np.flatnonzero(groups == group)
+    for g, group in enumerate(group_names):
+        in_group = rows_by_group[group_bounds[g] : group_bounds[g + 1]]  # file order
         pool = in_group[is_control[in_group]]
         if pool.size == 0:
             pool = all_controls
         if pool.size == 0:
             skipped.append(str(group))
             continue
-        group_labels = labels[in_group]
-        perts, inverse = np.unique(group_labels, return_inverse=True)
+        present, inverse = np.unique(label_codes[in_group], return_inverse=True)
         order = np.argsort(inverse, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=perts.size))])
-        for k, pert in enumerate(perts):
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=present.size))])
+        for k, code in enumerate(present):
             rows = in_group[order[bounds[k] : bounds[k + 1]]]
+            pert = str(label_names[code])
             for start in range(0, rows.size, set_len):
                 chunk = rows[start : start + set_len]
                 basal = rng.choice(pool, size=chunk.size, replace=True)
-                windows.append(Window(rows=chunk, basal=basal, pert=str(pert), group=str(group)))
+                windows.append(Window(rows=chunk, basal=basal, pert=pert, group=str(group)))
     return windows, skipped
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
 from state.tx import infer_edits
@@ -101,7 +102,9 @@ def run_infer(
     unknown_as_control: bool = False,
 ) -> Path:
     from state.tx.predictor import load_predictor
+    from state.utils.allocator import reuse_freed_memory
 
+    reuse_freed_memory()  # every window allocates same-sized activations: keep them mapped
     output = Path(output) if output is not None else default_output_path(adata_path)
     if output.suffix.lower() not in (".h5ad", ".npy"):
         raise StateError(f"--output {output} must end in .h5ad or .npy")
@@ -206,7 +209,7 @@ def simulate_anndata(
 def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: str, unknown_as_control: bool,
                  flag_prefix: str = "") -> None:
     """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
-    unknown = sorted(set(labels) - set(predictor.pert_names) - {control})
+    unknown = sorted(set(pd.unique(labels)) - set(predictor.pert_names) - {control})
     if unknown and not unknown_as_control:
         flag = f"{flag_prefix}unknown-as-control" if flag_prefix else "unknown_as_control=True"
         raise StateError(
@@ -218,7 +221,9 @@ def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: 
         log.warning("%d perturbation(s) unknown to the model get the control vector: %s", len(unknown),
                     ", ".join(unknown[:10]))
     is_control = labels == control
-    lacking = sorted(str(g) for g in np.unique(groups) if not is_control[groups == g].any())
+    group_codes, group_names = pd.factorize(groups, sort=True)
+    has_control = np.bincount(group_codes[is_control], minlength=len(group_names)) > 0
+    lacking = [str(g) for g in group_names[~has_control]]
     if lacking and is_control.any():
         flag = f"{flag_prefix}celltypes" if flag_prefix else "celltypes"
         raise StateError(

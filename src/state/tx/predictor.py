@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SetPredictor:
-    module: Any  # a tx LightningModule in eval mode
+    module: Any  # TransitionInferenceModel (state runs) or a tx LightningModule, in eval mode
     pert_map: dict[str, np.ndarray]
     batch_map: dict[str, np.ndarray] | None
     control_pert: str | None
@@ -45,7 +45,7 @@ class SetPredictor:
 
     @property
     def uses_batch(self) -> bool:
-        return bool(getattr(self.module.hparams, "batch_encoder", False)) and getattr(
+        return bool(self.module.hparams.get("batch_encoder", False)) and getattr(
             self.module, "batch_encoder", None
         ) is not None
 
@@ -134,7 +134,7 @@ class SetPredictor:
 
 def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) -> SetPredictor:
     """Load a run directory (ours or arc-state's) and a checkpoint for inference."""
-    from state.tx.models.registry import load_model_checkpoint
+    from state.tx.models.registry import load_inference_module
     from state.tx.rundir import load_run_dir, refuse_se_folder
 
     model_dir = Path(model_dir)
@@ -150,7 +150,7 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
             f"checkpoint not found: {ckpt}" + (f" (available: {', '.join(available)})" if available else ""),
             hint="pass --checkpoint with the path to a .ckpt",
         )
-    module = load_model_checkpoint(ckpt, model_name=((run.config or {}).get("model") or {}).get("name"))
+    module = load_inference_module(ckpt, model_name=((run.config or {}).get("model") or {}).get("name"))
     module.to(inference_device())
     module.eval()
     hp = module.hparams

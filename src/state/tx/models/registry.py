@@ -141,11 +141,31 @@ def load_model_checkpoint(path: str | Path, *, model_name: Any = None, **overrid
     ``overrides`` replace saved hyper-parameters (arc-state's predict passes the current var_dims
     and model kwargs this way). Returns the module in eval mode.
     """
-    from state.tx.checkpoint import KIND_SE, build_from_checkpoint, checkpoint_kind, read_checkpoint
+    from state.tx.checkpoint import build_from_checkpoint
+
+    checkpoint, entry = _read_tx_checkpoint(path, model_name)
+    return build_from_checkpoint(model_class(entry.canonical), checkpoint, path=path, overrides=overrides)
+
+
+def load_inference_module(path: str | Path, *, model_name: Any = None):
+    """Like :func:`load_model_checkpoint`, for inference: the ``state`` model comes back as a plain
+    :class:`~state.tx.inference_net.TransitionInferenceModel` (no Lightning import); other models as
+    their LightningModule."""
+    checkpoint, entry = _read_tx_checkpoint(path, model_name)
+    if entry.canonical == "state":
+        from state.tx.inference_net import TransitionInferenceModel
+
+        return TransitionInferenceModel.from_checkpoint(checkpoint, path=path)
+    from state.tx.checkpoint import build_from_checkpoint
+
+    return build_from_checkpoint(model_class(entry.canonical), checkpoint, path=path)
+
+
+def _read_tx_checkpoint(path: str | Path, model_name: Any) -> tuple[dict[str, Any], ModelEntry]:
+    from state.tx.checkpoint import KIND_SE, checkpoint_kind, read_checkpoint
 
     checkpoint = read_checkpoint(path)
     if checkpoint_kind(checkpoint) == KIND_SE:
         raise StateError(f"{path} is a State Embedding (SE) checkpoint, not a tx model",
                          hint="use it with `state emb transform`; pass a checkpoint written by `state tx train`")
-    entry = entry_for_checkpoint(checkpoint, model_name)
-    return build_from_checkpoint(model_class(entry.canonical), checkpoint, path=path, overrides=overrides)
+    return checkpoint, entry_for_checkpoint(checkpoint, model_name)

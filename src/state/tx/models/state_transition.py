@@ -37,10 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.inference_net import predict_sets
 from state.tx.models.base import PerturbationModel, to_plain
 from state.tx.nn.backbones import match_position_table
 from state.tx.nn.losses import SetLoss
-from state.tx.nn.state_transition import StateTransitionNet, TransitionOutput
+from state.tx.nn.state_transition import (
+    StateTransitionNet,
+    TransitionOutput,
+    adopt_net_parts,
+    transition_net_kwargs,
+)
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -102,35 +108,10 @@ class StateTransitionPerturbationModel(PerturbationModel):
         self.transformer_backbone_key = transformer_backbone_key
         self.transformer_backbone_kwargs = backbone_kwargs
 
-        use_batch_token = bool(kwargs.get("use_batch_token", False))
-        if use_batch_token and (kwargs.get("batch_encoder", False) or basal_mapping_strategy == "random"):
-            log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
-            use_batch_token = False
-
         net = self.net_class(
-            input_dim=input_dim,
-            hidden_dim=hidden_dim,
-            output_dim=output_dim,
-            pert_dim=pert_dim,
-            batch_dim=batch_dim,
-            backbone_key=transformer_backbone_key,
-            backbone_kwargs=backbone_kwargs,
-            n_encoder_layers=int(kwargs.get("n_encoder_layers", 2)),
-            n_decoder_layers=int(kwargs.get("n_decoder_layers", 2)),
-            dropout=self.dropout,
-            activation=kwargs.get("activation", "gelu"),
-            use_basal_projection=bool(kwargs.get("use_basal_projection", True)),
-            predict_residual=self.predict_residual,
-            output_space=output_space,
-            use_batch_encoder=bool(kwargs.get("batch_encoder", False)),
-            use_batch_token=use_batch_token,
-            use_confidence_token=bool(kwargs.get("confidence_token", False)),
-            mask_attn=bool(kwargs.get("mask_attn", False)),
-            final_relu=self.embed_key in (None, "X_hvg") or self.gene_decoder is None,
-            lora=kwargs.get("lora"),
-            freeze_backbone=bool(kwargs.get("freeze_pert_backbone", kwargs.get("freeze_pert", False))),
+            **transition_net_kwargs(self._hparam_record, has_gene_decoder=self.gene_decoder is not None)
         )
-        self._adopt(net)
+        adopt_net_parts(self, net)
 
         loss_kind = str(kwargs.get("loss", "energy"))
         loss_options = {
@@ -152,14 +133,6 @@ class StateTransitionPerturbationModel(PerturbationModel):
         self.confidence_weight = float(kwargs.get("confidence_weight", 0.01))
         self.confidence_target_scale = float(kwargs.get("confidence_target_scale", 10.0))
         self.regularization = float(kwargs.get("regularization", 0.0) or 0.0)
-
-    def _adopt(self, net: StateTransitionNet) -> None:
-        """Register the net's parts directly on this module so checkpoint keys carry no prefix."""
-        for name, child in net._modules.items():
-            self.register_module(name, child)
-        for name, param in net._parameters.items():
-            self.register_parameter(name, param)
-        object.__setattr__(self, "net", net)  # not a submodule: its parts are registered above
 
     # ------------------------------------------------------------------ forward
     def _sets(self, batch: Mapping[str, Any], *, padded: bool) -> tuple[torch.Tensor, ...]:
@@ -211,15 +184,7 @@ class StateTransitionPerturbationModel(PerturbationModel):
         ``predict_step(padded=False)`` without B times the per-call overhead. Returns numpy
         (preds [B, S, D_out], decoded counts [B, S, G] or None). ``pert_names`` is unused here.
         """
-        basal = torch.as_tensor(ctrl).to(self.device, self.dtype)
-        pert_emb = torch.as_tensor(pert).to(self.device, self.dtype)
-        batch_index = None
-        if (self.batch_encoder is not None or self.batch_token is not None) and batch is not None:
-            batch_index = torch.as_tensor(batch, device=self.device).long()  # [B, S] indices
-        preds = self.net(pert_emb, basal, batch_index).preds  # [B, S, D_out]
-        decoded = self.decode(preds)
-        counts = None if decoded is None else decoded.float().cpu().numpy()
-        return preds.float().cpu().numpy(), counts
+        return predict_sets(self.net, self.gene_decoder, ctrl=ctrl, pert=pert, batch=batch)
 
     # ------------------------------------------------------------------ losses
     def _losses(self, batch: Mapping[str, Any], *, padded: bool) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ even construct on 5.x).
 Attention semantics (decided here, documented because they differ between backbones):
 
 * ``llama`` with ``bidirectional_attention: true`` (all ``state*`` configs): every cell attends to
-  every cell, no positional information (rotary replaced by cos=1 / sin=0). Outputs are
+  every cell, no positional information (arc-state's cos=1 / sin=0 rotary, an exact no-op, is skipped). Outputs are
   permutation-equivariant over the set and any set length works. Without the flag: a plain causal
   Llama with RoPE, as in arc-state.
 * ``GPT2`` (``pertsets``): arc-state 0.11.1 *intends* bidirectional attention but, as observed in
@@ -33,7 +33,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -54,16 +56,32 @@ def identity_attention_mask(n_tokens: int, device: torch.device) -> torch.Tensor
     return torch.eye(n_tokens, dtype=torch.bool, device=device).view(1, 1, n_tokens, n_tokens)
 
 
-class _NoPositions(nn.Module):
-    """Drop-in for a rotary embedding that encodes no position: cos = 1, sin = 0."""
+def _math_sdpa_is_faster(device: torch.device) -> bool:
+    # On CPU, once float32 matmuls may run in bf16 ("medium"/"high" precision, which training sets
+    # as arc-state does), PyTorch's fused flash SDPA kernel is ~4x slower (forward + backward) than
+    # the plain math kernel; at "highest" the two are equally fast, so the default is kept there.
+    return device.type == "cpu" and torch.get_float32_matmul_precision() != "highest"
 
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        self.head_dim = head_dim
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None):
-        shape = (1, x.shape[1], self.head_dim)
-        return x.new_ones(shape), x.new_zeros(shape)
+def _set_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Non-causal attention of one LlamaAttention with no positional rotation (its cos=1/sin=0 rotary
+    is an exact no-op, so it is skipped); same projections, scaling and SDPA call as HF's."""
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    query = attn.q_proj(hidden).view(shape).transpose(1, 2)  # [B, heads, S, head_dim]
+    key = attn.k_proj(hidden).view(shape).transpose(1, 2)  # [B, kv_heads, S, head_dim]
+    value = attn.v_proj(hidden).view(shape).transpose(1, 2)
+    options = {
+        "attn_mask": mask,
+        "dropout_p": attn.attention_dropout if attn.training else 0.0,
+        "scale": attn.scaling,
+        "enable_gqa": key.shape[1] != query.shape[1],
+    }
+    if _math_sdpa_is_faster(hidden.device):
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = F.scaled_dot_product_attention(query, key, value, **options)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, **options)
+    return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))  # [B, S, H]
 
 
 class SetLlamaModel(LlamaModel):
@@ -73,8 +91,6 @@ class SetLlamaModel(LlamaModel):
         super().__init__(config)
         self.bidirectional = bool(bidirectional)
         if self.bidirectional:
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            self.rotary_emb = _NoPositions(head_dim)
             for layer in self.layers:
                 layer.self_attn.is_causal = False
 
@@ -85,11 +101,18 @@ class SetLlamaModel(LlamaModel):
         **_: Any,
     ) -> BaseModelOutput:
         hidden = inputs_embeds  # [B, S, H]
+        layers = self.layers[: self.config.num_hidden_layers]
+        if self.bidirectional:
+            # The HF decoder layer's own steps, with the position-free attention above.
+            for layer in layers:
+                hidden = hidden + _set_attention(layer.self_attn, layer.input_layernorm(hidden), attention_mask)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            return BaseModelOutput(last_hidden_state=self.norm(hidden))  # [B, S, H]
         n_tokens = hidden.shape[1]
         position_ids = torch.arange(n_tokens, device=hidden.device).unsqueeze(0)  # [1, S]
         position_embeddings = self.rotary_emb(hidden, position_ids)  # (cos, sin) [1, S, head_dim]
-        # mask None: SDPA runs with is_causal = layer.self_attn.is_causal (False when bidirectional).
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        # Causal llama with RoPE (arc-state's non-bidirectional configs): HF's own layers.
+        for layer in layers:
             hidden = _layer_output(
                 layer(
                     hidden,

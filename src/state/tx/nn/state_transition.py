@@ -30,6 +30,59 @@ from state.tx.nn.tokens import ConfidenceToken, prepend_token
 log = logging.getLogger(__name__)
 
 
+def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool) -> dict[str, Any]:
+    """:class:`StateTransitionNet` keyword arguments from a tx model's flat hyper-parameters.
+
+    ``hparams`` is the checkpoint's ``hyper_parameters`` (or the LightningModule's constructor
+    keywords): the one place that decides how config keys and their defaults shape the network, used
+    both when training (inside Lightning) and when ``infer`` rebuilds the net without Lightning.
+    ``has_gene_decoder``: whether the model was built with a gene decoder (it decides the final ReLU).
+    """
+    backbone_kwargs = dict(hparams.get("transformer_backbone_kwargs") or {})
+    backbone_kwargs["n_positions"] = int(hparams.get("cell_set_len", 128)) + int(hparams.get("extra_tokens", 0))
+    use_batch_token = bool(hparams.get("use_batch_token", False))
+    if use_batch_token and (
+        hparams.get("batch_encoder", False) or hparams.get("basal_mapping_strategy", "random") == "random"
+    ):
+        log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
+        use_batch_token = False
+    return {
+        "input_dim": int(hparams["input_dim"]),
+        "hidden_dim": int(hparams["hidden_dim"]),
+        "output_dim": int(hparams["output_dim"]),
+        "pert_dim": int(hparams["pert_dim"]),
+        "batch_dim": None if hparams.get("batch_dim") is None else int(hparams["batch_dim"]),
+        "backbone_key": hparams.get("transformer_backbone_key", "llama"),
+        "backbone_kwargs": backbone_kwargs,
+        "n_encoder_layers": int(hparams.get("n_encoder_layers", 2)),
+        "n_decoder_layers": int(hparams.get("n_decoder_layers", 2)),
+        "dropout": float(hparams.get("dropout", 0.1)),
+        "activation": hparams.get("activation", "gelu"),
+        "use_basal_projection": bool(hparams.get("use_basal_projection", True)),
+        "predict_residual": bool(hparams.get("predict_residual", True)),
+        "output_space": hparams.get("output_space", "gene"),
+        "use_batch_encoder": bool(hparams.get("batch_encoder", False)),
+        "use_batch_token": use_batch_token,
+        "use_confidence_token": bool(hparams.get("confidence_token", False)),
+        "mask_attn": bool(hparams.get("mask_attn", False)),
+        "final_relu": hparams.get("embed_key") in (None, "X_hvg") or not has_gene_decoder,
+        "lora": hparams.get("lora"),
+        "freeze_backbone": bool(hparams.get("freeze_pert_backbone", hparams.get("freeze_pert", False))),
+    }
+
+
+def adopt_net_parts(owner: nn.Module, net: nn.Module) -> None:
+    """Register ``net``'s parts directly on ``owner`` so checkpoint keys carry no ``net.`` prefix.
+
+    ``owner.net`` still reaches the net (for its forward) without being a submodule itself.
+    """
+    for name, child in net._modules.items():
+        owner.register_module(name, child)
+    for name, param in net._parameters.items():
+        owner.register_parameter(name, param)
+    object.__setattr__(owner, "net", net)
+
+
 @dataclass
 class TransitionOutput:
     preds: torch.Tensor  # [B, S, output_dim]
@@ -120,10 +173,10 @@ class StateTransitionNet(nn.Module):
         basal: torch.Tensor,
         batch_index: torch.Tensor | None = None,
     ) -> TransitionOutput:
-        n_cells = pert.shape[1]
-        p = self.pert_encoder(pert)  # [B, S, H]
+        n_cells = basal.shape[1]
+        p = self.pert_encoder(pert)  # [B, S, H] (or [B, 1, H]: one perturbation per set)
         c = self.basal_encoder(basal)  # [B, S, H]
-        x = p + c  # [B, S, H]
+        x = p + c  # [B, S, H] (broadcast over the set when pert is [B, 1, P])
         if self.batch_encoder is not None and batch_index is not None:
             x = x + self.batch_encoder(batch_index.long())  # [B, S] -> [B, S, H]
 

@@ -1,0 +1,98 @@
+"""The State Transition network rebuilt from a checkpoint for inference, without Lightning.
+
+``infer`` only needs the forward pass, so for the ``state`` model it builds the plain
+:class:`~state.tx.nn.state_transition.StateTransitionNet` (+ gene decoder) from the checkpoint's
+``hyper_parameters`` with the same mapping training uses (:func:`transition_net_kwargs`) and loads
+the weights strictly. Importing Lightning (and torchmetrics behind it) took several seconds of every
+``infer`` run. The other registered models still load through their LightningModule.
+
+:func:`predict_sets` is the batched forward shared with the LightningModule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from state.tx.nn.backbones import match_position_table
+from state.tx.nn.decoders import build_gene_decoder, decoder_cfg_from_state_dict
+from state.tx.nn.state_transition import StateTransitionNet, adopt_net_parts, transition_net_kwargs
+from state.utils.errors import StateError
+
+log = logging.getLogger(__name__)
+
+
+def _builds_gene_decoder(hparams: Mapping[str, Any]) -> bool:
+    # The LightningModule's construction-time rule (models/base.py): it fixes the final ReLU.
+    return (
+        bool(hparams.get("decoder_cfg"))
+        and bool(hparams.get("gene_decoder_bool", True))
+        and hparams.get("output_space", "gene") in ("gene", "all")
+    )
+
+
+def predict_sets(
+    net: nn.Module, gene_decoder: nn.Module | None, *, ctrl, pert, batch=None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run B independent sets through ``net`` in one pass: ctrl [B,S,D_in], pert [B,S,P], batch [B,S].
+
+    Returns numpy (preds [B, S, D_out], decoded counts [B, S, G] or None).
+    """
+    param = next(net.parameters())
+    basal = torch.as_tensor(ctrl).to(param.device, param.dtype)
+    pert_emb = torch.as_tensor(pert).to(param.device, param.dtype)
+    if type(net) is StateTransitionNet and bool((pert_emb == pert_emb[:, :1]).all()):
+        # One perturbation per set (always so in infer): encode it once per set, not once per cell.
+        pert_emb = pert_emb[:, :1]  # [B, 1, P], broadcast over the set inside the net
+    batch_index = None
+    if (net.batch_encoder is not None or net.batch_token is not None) and batch is not None:
+        batch_index = torch.as_tensor(batch, device=param.device).long()  # [B, S]
+    preds = net(pert_emb, basal, batch_index).preds  # [B, S, D_out]
+    decoded = None if gene_decoder is None else gene_decoder(preds)
+    counts = None if decoded is None else decoded.float().cpu().numpy()
+    return preds.float().cpu().numpy(), counts
+
+
+class TransitionInferenceModel(nn.Module):
+    """A ``state`` checkpoint's network and gene decoder, in eval mode, with its hyper-parameters.
+
+    The net's parts sit at the top level (as in the LightningModule), so the checkpoint's
+    ``state_dict`` loads as is.
+    """
+
+    def __init__(self, net: StateTransitionNet, gene_decoder: nn.Module | None, hparams: Mapping[str, Any]) -> None:
+        super().__init__()
+        adopt_net_parts(self, net)
+        self.gene_decoder = gene_decoder
+        self.hparams = dict(hparams)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def predict_sets(self, *, ctrl, pert, batch=None, pert_names=None):
+        """See :func:`predict_sets` (``pert_names`` is accepted for interface parity and unused)."""
+        return predict_sets(self.net, self.gene_decoder, ctrl=ctrl, pert=pert, batch=batch)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any], *, path: str | os.PathLike) -> TransitionInferenceModel:
+        from state.tx.checkpoint import load_weights
+
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if not hparams:
+            raise StateError(f"{path} has no hyper_parameters", hint="pass a checkpoint written by `state tx train`")
+        state_dict = checkpoint["state_dict"]
+        net = StateTransitionNet(**transition_net_kwargs(hparams, has_gene_decoder=_builds_gene_decoder(hparams)))
+        match_position_table(net.transformer_backbone, state_dict, "transformer_backbone.")
+        # The decoder's layout comes from its weights, as when the LightningModule loads a checkpoint.
+        dropout = float((hparams.get("decoder_cfg") or {}).get("dropout") or 0.1)
+        decoder_cfg = decoder_cfg_from_state_dict(state_dict, dropout=dropout)
+        model = cls(net, None if decoder_cfg is None else build_gene_decoder(decoder_cfg), hparams)
+        load_weights(model, state_dict, path=path)
+        return model.eval()
