@@ -52,7 +52,7 @@ SIZES = {
     # name: (model overrides, batch_size, cell_set_len, (short, long) step counts)
     "tiny": ([f"model.kwargs.transformer_backbone_kwargs.{k}={v}" for k, v in TINY_BACKBONE.items()]
              + ["model.kwargs.hidden_dim=64"], 4, 32, (20, 520)),
-    "big": (["model.kwargs.hidden_dim=672"], 16, 128, (2, 5)),
+    "big": (["model.kwargs.hidden_dim=672"], 16, 128, (2, 8)),
 }
 
 

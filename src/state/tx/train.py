@@ -281,8 +281,6 @@ def _train(cfg: Any) -> TrainResult:
         plan = rundir.worker_plan(plain["output_dir"], plain["name"])
 
     pl.seed_everything(int(training.get("train_seed", 42)), workers=True, verbose=False)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("medium")  # arc-state's setting: TF32 matmuls on GPUs
     dm = tx_data.build_data_module(plain["data"].get("name", "PerturbationDataModule"), data_kwargs,
                                    batch_size=batch_size, cell_sentence_len=set_len)
     var_dims = tx_data.setup_data_module(dm)
