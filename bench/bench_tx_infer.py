@@ -39,14 +39,19 @@ from common import (  # noqa: E402
 DIR = WORK / "tx" / "infer"
 SMALL_CELLS = 2000
 NOTES = (
-    "Where our time goes (py-spy, 200,000 cells, load ~3.5): ~10 s start-up importing lightning and transformers "
-    "(the same libraries arc-state imports), ~11 s in the model forward, ~2 s reading and writing the h5ad. The "
-    "forward is compute-bound (matmuls, SDPA, RMSNorm, and the cos=1/sin=0 rotary multiply that HF's "
-    "LlamaAttention always applies): windows of equal length run as one [B, S, .] pass "
-    "(`StateTransitionPerturbationModel.predict_sets`, 4,096 cells per call) instead of one call per set as in "
-    "arc-state. Output predictions are clipped in place, so peak RSS is the interpreter (~590 MiB, the "
-    "2,000-cell run) + the input (458 MiB) + the output obsm (195 MiB) + one batch and the writer's buffers; "
-    "before that change ours peaked at 1,532 MiB on this input."
+    "Where our time goes (py-spy, 200,000 cells): ~7 s start-up (torch 1.8 s, anndata 1.3 s and 4.2 s for "
+    "transformers' llama module, which arc-state imports too, besides Lightning), ~3.9 s in the model forward, "
+    "~1.5 s reading and writing the h5ad and planning the windows. Changes behind these figures: a `state` run is "
+    "rebuilt from its checkpoint as the plain network, without importing Lightning and torchmetrics (2-3 s of "
+    "every run); windows of equal length run as one [B, S, .] pass (4,096 cells per call) with the perturbation "
+    "encoded once per set, instead of one call per set; glibc malloc keeps freed blocks, so the activations of "
+    "the next call are not page-faulted again (about 30% of the forward before); the llama layers skip "
+    "arc-state's cos=1/sin=0 rotary multiply; windows are planned on integer codes instead of repeated string "
+    "comparisons. Outputs stay float32 and equal arc-state's to ~1e-6 (above), which fixes the forward at about "
+    "1.35 MFLOP per cell, run at the float32 matmul rate of one core for these small shapes. The 3x target would "
+    "need the whole 200,000-cell run in about a third of arc-state's wall time, less than our imports plus that "
+    "forward. Output predictions are clipped in place, so peak RSS is the interpreter + the input (458 MiB) + "
+    "the output obsm (195 MiB) + one batch and the writer's buffers."
 )
 MODEL = ["model=state_sm", "model.kwargs.hidden_dim=128", "model.kwargs.cell_set_len=64",
          "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=2",
