@@ -249,3 +249,13 @@ def test_train_uses_arc_state_matmul_precision_and_restores_it(synth, tmp_path, 
     before = torch.get_float32_matmul_precision()
     train(compose_tx_config(_train_args(synth, tmp_path, "prec", *TINY_STATE)))
     assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", None)])
+def test_adam_is_fused_unless_mixed_precision_with_gradient_clipping(synth, tmp_path, precision, fused):
+    """Lightning refuses to clip a fused optimizer's gradients under mixed precision; both must train."""
+    args = _train_args(synth, tmp_path, f"prec_{precision}", *TINY_STATE, steps=2)
+    result = train(compose_tx_config([*args, f"training.precision={precision}", "training.gradient_clip_val=1.0"]))
+    assert result.global_step == 2
+    ckpt = safe_torch_load(result.checkpoint_paths["final.ckpt"])
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is fused
