@@ -259,3 +259,11 @@ def test_adam_is_fused_unless_mixed_precision_with_gradient_clipping(synth, tmp_
     assert result.global_step == 2
     ckpt = safe_torch_load(result.checkpoint_paths["final.ckpt"])
     assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is fused
+
+
+def test_a_full_precision_run_resumes_under_mixed_precision(synth, tmp_path):
+    first = train(compose_tx_config(_train_args(synth, tmp_path, "mix", *TINY_STATE, steps=2)))
+    assert safe_torch_load(first.checkpoint_paths["last.ckpt"])["optimizer_states"][0]["param_groups"][0]["fused"]
+    more = ["training.precision=bf16-mixed", "training.gradient_clip_val=1.0"]
+    resumed = train(compose_tx_config([*_train_args(synth, tmp_path, "mix", *TINY_STATE, steps=4), *more]))
+    assert resumed.resumed_from is not None and resumed.global_step == 4

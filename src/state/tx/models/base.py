@@ -157,8 +157,10 @@ class PerturbationModel(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision (the fused
         # step unscales them itself), so mixed-precision runs keep the per-tensor update.
-        mixed = "mixed" in str(getattr(self._trainer, "precision", "") or "")
-        return adam(self.parameters(), lr=self.lr, fused=not mixed)
+        return adam(self.parameters(), lr=self.lr, fused=not self._mixed_precision())
+
+    def _mixed_precision(self) -> bool:
+        return "mixed" in str(getattr(self._trainer, "precision", "") or "")
 
     # ----------------------------------------------------------------- helpers
     def decode(self, preds: torch.Tensor) -> torch.Tensor | None:
@@ -212,6 +214,11 @@ class PerturbationModel(LightningModule):
         The layout is read from the weights themselves (arc-state instead guesses widths when a
         checkpoint lacks ``decoder_cfg``); the saved ``decoder_cfg`` only contributes the dropout.
         """
+        if self._mixed_precision():
+            # A run resumed under mixed precision must not restore a fused Adam (see configure_optimizers).
+            for state in checkpoint.get("optimizer_states") or []:
+                for group in state.get("param_groups", []):
+                    group["fused"] = None
         hparams = checkpoint.get("hyper_parameters") or {}
         saved_cfg = hparams.get("decoder_cfg") if isinstance(hparams, Mapping) else None
         dropout = float((saved_cfg or {}).get("dropout") or 0.1)
