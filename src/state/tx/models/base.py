@@ -214,11 +214,6 @@ class PerturbationModel(LightningModule):
         The layout is read from the weights themselves (arc-state instead guesses widths when a
         checkpoint lacks ``decoder_cfg``); the saved ``decoder_cfg`` only contributes the dropout.
         """
-        if self._mixed_precision():
-            # A run resumed under mixed precision must not restore a fused Adam (see configure_optimizers).
-            for state in checkpoint.get("optimizer_states") or []:
-                for group in state.get("param_groups", []):
-                    group["fused"] = None
         hparams = checkpoint.get("hyper_parameters") or {}
         saved_cfg = hparams.get("decoder_cfg") if isinstance(hparams, Mapping) else None
         dropout = float((saved_cfg or {}).get("dropout") or 0.1)
