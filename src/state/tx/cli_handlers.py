@@ -20,7 +20,9 @@ def train(args: argparse.Namespace) -> int:
     cfg = config.compose_tx_config(list(args.hydra_overrides))
     config.validate_tx_config(cfg)  # every config problem in one line, before the heavy imports
     from state.tx.train import train as run_train
+    from state.utils.allocator import reuse_freed_memory
 
+    reuse_freed_memory()  # this process only trains: keep freed activation blocks for the next step
     result = run_train(cfg)
     log.info("run directory: %s", result.run_dir)
     return 0
@@ -34,7 +36,9 @@ def predict(args: argparse.Namespace) -> int:
 
 def infer(args: argparse.Namespace) -> int:
     from state.tx.infer import infer_cli
+    from state.utils.allocator import reuse_freed_memory
 
+    reuse_freed_memory()  # this process only infers: keep freed activation blocks for the next batch
     return infer_cli(args)
 
 

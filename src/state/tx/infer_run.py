@@ -102,9 +102,6 @@ def run_infer(
     unknown_as_control: bool = False,
 ) -> Path:
     from state.tx.predictor import load_predictor
-    from state.utils.allocator import reuse_freed_memory
-
-    reuse_freed_memory()  # every window allocates same-sized activations: keep them mapped
     output = Path(output) if output is not None else default_output_path(adata_path)
     if output.suffix.lower() not in (".h5ad", ".npy"):
         raise StateError(f"--output {output} must end in .h5ad or .npy")

@@ -248,9 +248,6 @@ def train(cfg: Any) -> TrainResult:
     # units (oneDNN) fp32 matmuls then run ~2x faster at slightly lower precision. Same numerics as
     # arc-state's training; STATE_MATMUL_PRECISION=highest opts out. The setting is process-wide, so
     # it is restored afterwards (predict/infer in the same process keep full fp32).
-    from state.utils.allocator import reuse_freed_memory
-
-    reuse_freed_memory()  # every step allocates the same activation sizes: keep freed blocks mapped
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(os.environ.get("STATE_MATMUL_PRECISION", "medium"))
     try:

@@ -9,8 +9,9 @@ inference and training that repeats every forward pass: measured on a State mode
 :func:`reuse_freed_memory` raises both thresholds once (32 MiB, glibc's largest mmap threshold on
 64-bit, and 4 GiB) so same-sized allocations are served from memory the process already holds.
 Peak RSS is unchanged (the same bytes are live at the peak); the process keeps its heap until it
-exits instead of shrinking after a peak. Set ``STATE_MALLOC_TUNING=0`` to leave malloc alone.
-Nothing happens on other C libraries or platforms.
+exits instead of shrinking after a peak, which is why only the ``tx train`` / ``tx infer`` command
+processes call it (never the Python API inside a user's session). Set ``STATE_MALLOC_TUNING=0`` to
+leave malloc alone. Nothing happens on other C libraries or platforms.
 """
 
 from __future__ import annotations
