@@ -66,7 +66,9 @@ class TransitionInferenceModel(nn.Module):
     ``state_dict`` loads as is.
     """
 
-    def __init__(self, net: StateTransitionNet, gene_decoder: nn.Module | None, hparams: Mapping[str, Any]) -> None:
+    def __init__(
+        self, net: StateTransitionNet, gene_decoder: nn.Module | None, hparams: Mapping[str, Any]
+    ) -> None:
         super().__init__()
         adopt_net_parts(self, net)
         self.gene_decoder = gene_decoder
@@ -81,14 +83,19 @@ class TransitionInferenceModel(nn.Module):
         return predict_sets(self.net, self.gene_decoder, ctrl=ctrl, pert=pert, batch=batch)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any], *, path: str | os.PathLike) -> TransitionInferenceModel:
+    def from_checkpoint(
+        cls, checkpoint: Mapping[str, Any], *, path: str | os.PathLike
+    ) -> TransitionInferenceModel:
         from state.tx.checkpoint import load_weights
 
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if not hparams:
-            raise StateError(f"{path} has no hyper_parameters", hint="pass a checkpoint written by `state tx train`")
+            raise StateError(
+                f"{path} has no hyper_parameters", hint="pass a checkpoint written by `state tx train`"
+            )
         state_dict = checkpoint["state_dict"]
-        net = StateTransitionNet(**transition_net_kwargs(hparams, has_gene_decoder=_builds_gene_decoder(hparams)))
+        kwargs = transition_net_kwargs(hparams, has_gene_decoder=_builds_gene_decoder(hparams))
+        net = StateTransitionNet(**kwargs)
         match_position_table(net.transformer_backbone, state_dict, "transformer_backbone.")
         # The decoder's layout comes from its weights, as when the LightningModule loads a checkpoint.
         dropout = float((hparams.get("decoder_cfg") or {}).get("dropout") or 0.1)

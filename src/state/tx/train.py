@@ -258,7 +258,6 @@ def train(cfg: Any) -> TrainResult:
 
 def _train(cfg: Any) -> TrainResult:
     import lightning.pytorch as pl
-    import torch
 
     model_name = (cfg.get("model") or {}).get("name")
     registry.model_class(model_name)  # unknown / unimplemented models fail before any other check

@@ -44,7 +44,8 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    ok = ok and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     log.debug("malloc tuning %s", "on" if ok else "refused by the C library")
     _done = ok
     return ok

@@ -60,7 +60,8 @@ def adam(params: Any, *, lr: float, fused: bool = True) -> torch.optim.Adam:
     instead of a loop over tensors (~3x faster per step for a small model on CPU). The state dict has
     the same layout, so checkpoints resume either way."""
     params = list(params)
-    fused = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    supported = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    fused = fused and bool(params) and supported
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 

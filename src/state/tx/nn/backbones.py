@@ -10,8 +10,8 @@ even construct on 5.x).
 Attention semantics (decided here, documented because they differ between backbones):
 
 * ``llama`` with ``bidirectional_attention: true`` (all ``state*`` configs): every cell attends to
-  every cell, no positional information (arc-state's cos=1 / sin=0 rotary, an exact no-op, is skipped). Outputs are
-  permutation-equivariant over the set and any set length works. Without the flag: a plain causal
+  every cell, no positional information (arc-state's cos=1 / sin=0 rotary, an exact no-op, is
+  skipped). Outputs are permutation-equivariant over the set and any set length works. Without the flag: a plain causal
   Llama with RoPE, as in arc-state.
 * ``GPT2`` (``pertsets``): arc-state 0.11.1 *intends* bidirectional attention but, as observed in
   its fixtures (transformers 4.57), the attention is CAUSAL: cell j attends to cells <= j. To
@@ -105,7 +105,8 @@ class SetLlamaModel(LlamaModel):
         if self.bidirectional:
             # The HF decoder layer's own steps, with the position-free attention above.
             for layer in layers:
-                hidden = hidden + _set_attention(layer.self_attn, layer.input_layernorm(hidden), attention_mask)
+                normed = layer.input_layernorm(hidden)
+                hidden = hidden + _set_attention(layer.self_attn, normed, attention_mask)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             return BaseModelOutput(last_hidden_state=self.norm(hidden))  # [B, S, H]
         n_tokens = hidden.shape[1]

@@ -39,7 +39,8 @@ def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool)
     ``has_gene_decoder``: whether the model was built with a gene decoder (it decides the final ReLU).
     """
     backbone_kwargs = dict(hparams.get("transformer_backbone_kwargs") or {})
-    backbone_kwargs["n_positions"] = int(hparams.get("cell_set_len", 128)) + int(hparams.get("extra_tokens", 0))
+    n_positions = int(hparams.get("cell_set_len", 128)) + int(hparams.get("extra_tokens", 0))
+    backbone_kwargs["n_positions"] = n_positions
     use_batch_token = bool(hparams.get("use_batch_token", False))
     if use_batch_token and (
         hparams.get("batch_encoder", False) or hparams.get("basal_mapping_strategy", "random") == "random"
