@@ -267,3 +267,32 @@ def test_a_full_precision_run_resumes_under_mixed_precision(synth, tmp_path):
     more = ["training.precision=bf16-mixed", "training.gradient_clip_val=1.0"]
     resumed = train(compose_tx_config([*_train_args(synth, tmp_path, "mix", *TINY_STATE, steps=4), *more]))
     assert resumed.resumed_from is not None and resumed.global_step == 4
+
+
+@pytest.mark.parametrize("extra", [[], ["model.kwargs.lora.enable=true"], ["model.kwargs.batch_encoder=true",
+                                                                             "model.kwargs.confidence_token=true"]])
+def test_inference_rebuild_matches_the_trained_lightning_module(synth, tmp_path, extra):
+    """``infer``'s Lightning-free rebuild of a run we trained (LoRA, batch encoder, confidence token
+    included) predicts what the LightningModule predicts, one set at a time."""
+    from state.tx.inference_net import TransitionInferenceModel
+    from state.tx.models.registry import load_model_checkpoint
+    from state.tx.predictor import load_predictor
+
+    result = train(compose_tx_config(_train_args(synth, tmp_path, "lean", *TINY_STATE, *extra, steps=2)))
+    predictor = load_predictor(result.run_dir)
+    assert isinstance(predictor.module, TransitionInferenceModel)
+    module = load_model_checkpoint(result.checkpoint_paths["final.ckpt"])
+    rng = np.random.default_rng(0)
+    ctrl = rng.gamma(1.0, 1.0, size=(3, 8, predictor.input_dim)).astype(np.float32)
+    vec = predictor.pert_vector(predictor.pert_names[1])
+    pert = np.broadcast_to(vec, (3, 8, vec.size)).astype(np.float32)
+    batch = rng.integers(0, len(predictor.batch_map or [0]), size=(3, 8)) if predictor.uses_batch else None
+    with torch.inference_mode():
+        got, got_counts = predictor.predict_sets(ctrl=ctrl, pert=pert, batch=batch, pert_names=["p"] * 3)
+        for i in range(3):
+            item = {"ctrl_cell_emb": torch.from_numpy(ctrl[i]), "pert_emb": torch.from_numpy(pert[i])}
+            if batch is not None:
+                item["batch"] = torch.from_numpy(batch[i])
+            out = module.predict_step(item, 0, padded=False)
+            np.testing.assert_allclose(got[i], out["preds"].numpy(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got_counts[i], out["pert_cell_counts_preds"].numpy(), rtol=0, atol=1e-6)
