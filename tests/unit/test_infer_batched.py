@@ -97,3 +97,28 @@ def test_loading_a_state_run_for_inference_does_not_import_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["TransitionInferenceModel", "False", "False"]
+
+
+@pytest.mark.parametrize("drop", ["input_dim", "all"])
+def test_a_checkpoint_without_model_dimensions_is_one_clear_error(tmp_path, drop):
+    import shutil
+
+    from state.utils.errors import StateError
+
+    run = FIX / "state_llama" / "run"
+    if not run.is_dir():
+        pytest.skip("state_llama fixture not copied")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt_path = copy / "checkpoints" / "final.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    if drop == "all":
+        ckpt["hyper_parameters"] = {}
+    else:
+        del ckpt["hyper_parameters"][drop]
+    torch.save(ckpt, ckpt_path)
+    expected = "has no hyper_parameters" if drop == "all" else "has no input_dim in its hyper_parameters"
+    with pytest.raises(StateError, match=expected):
+        load_predictor(copy)
+    with pytest.raises(StateError, match=expected):
+        load_model_checkpoint(ckpt_path)  # the LightningModule path says the same

@@ -82,17 +82,27 @@ def build_from_checkpoint(
     strict: bool = True,
 ):
     """Instantiate ``model_cls(**hyper_parameters | overrides)`` and load the weights."""
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    if not hparams:
-        raise StateError(
-            f"{path} has no hyper_parameters", hint="pass a checkpoint written by `state tx train`"
-        )
+    hparams = checkpoint_hparams(ckpt, path=path)
     hparams.update(overrides or {})
     model = model_cls(**hparams)
     model.on_load_checkpoint(dict(ckpt))
     load_weights(model, ckpt["state_dict"], path=path, strict=strict)
     model.eval()
     return model
+
+
+# Every tx model is built from these; a checkpoint without them cannot be rebuilt.
+REQUIRED_HPARAMS = ("input_dim", "hidden_dim", "output_dim", "pert_dim")
+
+
+def checkpoint_hparams(ckpt: Mapping[str, Any], *, path: str | os.PathLike) -> dict[str, Any]:
+    """A copy of the checkpoint's ``hyper_parameters``; one-line error when absent or incomplete."""
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    missing = [key for key in REQUIRED_HPARAMS if hparams.get(key) is None]
+    if not hparams or missing:
+        what = "no hyper_parameters" if not hparams else f"no {', '.join(missing)} in its hyper_parameters"
+        raise StateError(f"{path} has {what}", hint="pass a checkpoint written by `state tx train`")
+    return hparams
 
 
 def load_weights(model: Any, state_dict: Mapping[str, Any], *, path: str | os.PathLike, strict: bool = True) -> None:

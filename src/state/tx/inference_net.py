@@ -21,20 +21,10 @@ import torch
 from torch import nn
 
 from state.tx.nn.backbones import match_position_table
-from state.tx.nn.decoders import build_gene_decoder, decoder_cfg_from_state_dict
+from state.tx.nn.decoders import build_gene_decoder, builds_gene_decoder, decoder_cfg_from_state_dict
 from state.tx.nn.state_transition import StateTransitionNet, adopt_net_parts, transition_net_kwargs
-from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
-
-
-def _builds_gene_decoder(hparams: Mapping[str, Any]) -> bool:
-    # The LightningModule's construction-time rule (models/base.py): it fixes the final ReLU.
-    return (
-        bool(hparams.get("decoder_cfg"))
-        and bool(hparams.get("gene_decoder_bool", True))
-        and hparams.get("output_space", "gene") in ("gene", "all")
-    )
 
 
 def predict_sets(
@@ -47,7 +37,7 @@ def predict_sets(
     param = next(net.parameters())
     basal = torch.as_tensor(ctrl).to(param.device, param.dtype)
     pert_emb = torch.as_tensor(pert).to(param.device, param.dtype)
-    if type(net) is StateTransitionNet and bool((pert_emb == pert_emb[:, :1]).all()):
+    if getattr(net, "set_level_perturbation", False) and bool((pert_emb == pert_emb[:, :1]).all()):
         # One perturbation per set (always so in infer): encode it once per set, not once per cell.
         pert_emb = pert_emb[:, :1]  # [B, 1, P], broadcast over the set inside the net
     batch_index = None
@@ -86,15 +76,11 @@ class TransitionInferenceModel(nn.Module):
     def from_checkpoint(
         cls, checkpoint: Mapping[str, Any], *, path: str | os.PathLike
     ) -> TransitionInferenceModel:
-        from state.tx.checkpoint import load_weights
+        from state.tx.checkpoint import checkpoint_hparams, load_weights
 
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        if not hparams:
-            raise StateError(
-                f"{path} has no hyper_parameters", hint="pass a checkpoint written by `state tx train`"
-            )
+        hparams = checkpoint_hparams(checkpoint, path=path)
         state_dict = checkpoint["state_dict"]
-        kwargs = transition_net_kwargs(hparams, has_gene_decoder=_builds_gene_decoder(hparams))
+        kwargs = transition_net_kwargs(hparams, has_gene_decoder=builds_gene_decoder(hparams))
         net = StateTransitionNet(**kwargs)
         match_position_table(net.transformer_backbone, state_dict, "transformer_backbone.")
         # The decoder's layout comes from its weights, as when the LightningModule loads a checkpoint.

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from state.tx.nn.decoders import build_gene_decoder, decoder_cfg_from_state_dict
+from state.tx.nn.decoders import build_gene_decoder, builds_gene_decoder, decoder_cfg_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class PerturbationModel(LightningModule):
         # Registered (as None) up front so the decoder keeps arc-state's first position in the
         # parameter order even when on_load_checkpoint adds it later.
         self.register_module("gene_decoder", None)
-        if self.decoder_cfg and self.gene_decoder_bool and output_space in ("gene", "all"):
+        if builds_gene_decoder(self._hparam_record):
             self.gene_decoder = build_gene_decoder(self.decoder_cfg)
 
     # ----------------------------------------------------------------- hyper-parameters

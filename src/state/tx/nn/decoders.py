@@ -65,6 +65,16 @@ class LatentToGeneDecoder(nn.Module):
         return self.final_layer(x)
 
 
+def builds_gene_decoder(hparams: Mapping[str, Any]) -> bool:
+    """Whether a tx model with these hyper-parameters is constructed with a gene decoder
+    (a ``decoder_cfg``, ``gene_decoder_bool`` not false, and an expression output space)."""
+    return (
+        bool(hparams.get("decoder_cfg"))
+        and bool(hparams.get("gene_decoder_bool", True))
+        and hparams.get("output_space", "gene") in ("gene", "all")
+    )
+
+
 def build_gene_decoder(decoder_cfg: Mapping[str, Any]) -> LatentToGeneDecoder:
     """Build the decoder from a ``decoder_cfg`` dict as stored in ``hyper_parameters``."""
     return LatentToGeneDecoder(

@@ -94,6 +94,9 @@ class TransitionOutput:
 class StateTransitionNet(nn.Module):
     """Set transformer from control cells + perturbation to perturbed cells."""
 
+    # forward accepts pert [B, 1, P] (one perturbation per set) and broadcasts it over the set.
+    set_level_perturbation = True
+
     def __init__(
         self,
         *,

@@ -35,6 +35,8 @@ class PseudobulkNet(_VariantNet):
 
 
 class PerCellTokenNet(_VariantNet):
+    set_level_perturbation = False  # stacks per-cell perturbation tokens: needs pert [B, S, P]
+
     def forward(self, pert: torch.Tensor, basal: torch.Tensor, batch_index: torch.Tensor | None = None
                 ) -> TransitionOutput:
         n_sets, n_cells = pert.shape[:2]
