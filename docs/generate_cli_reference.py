@@ -83,7 +83,7 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _train_extra() -> list[str]:
-    from state.tx.config import config_groups
+    from state.tx.config.compose import config_groups
 
     lines = ["", "Config groups of the packaged Hydra tree (switch with `group=choice`, e.g. `model=state_sm`):", ""]
     lines += [f"- `{group}`: {', '.join(f'`{c}`' for c in choices)}" for group, choices in config_groups().items()]

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from state.heads import Head, fit_head, load_head  # noqa: F401 - provided lazily by __getattr__
-    from state.tx.predictor import SetPredictor
-    from state.tx.train import TrainResult
+    from state.tx.infer.predictor import SetPredictor
+    from state.tx.train.run import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def train(config: Any = None, *, overrides: Mapping[str, Any] | Sequence[str] | 
         result = api.train(overrides={"+experiment": "demo", "training.max_steps": 2, "output_dir": "runs"})
         run = api.load_run(result.run_dir)
     """
-    from state.tx.config import compose_tx_config, validate_tx_config
-    from state.tx.train import train as run_train
+    from state.tx.config.compose import compose_tx_config, validate_tx_config
+    from state.tx.train.run import train as run_train
 
     strings = override_strings(overrides)
     cfg = compose_tx_config(strings) if config is None else _load_full_config(config, strings)
@@ -235,8 +235,8 @@ class Run:
         (latent), ``.X`` (gene space, clipped to [0, 14]), ``obsm['X_hvg']`` (decoded HVG
         counts) or ``obsm['X_state_pred']`` when the width differs from the input's.
         """
-        from state.tx import infer_edits
-        from state.tx.infer_run import resolve_control
+        from state.tx.infer import edits as infer_edits
+        from state.tx.infer.run import resolve_control
 
         features = self._embed_key(embed_key)
         if pert_col not in adata.obs.columns:
@@ -279,8 +279,8 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
 def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_col, batch_col, seed,
                     max_set_len, quiet, unknown_as_control=False):
     """The simulation step of ``state tx infer`` on an in-memory AnnData (the very same function)."""
-    from state.tx.infer import CELLTYPE_CANDIDATES, detect_column
-    from state.tx.infer_run import simulate_anndata, write_predictions
+    from state.tx.infer.run import simulate_anndata, write_predictions
+    from state.tx.infer.simulate import CELLTYPE_CANDIDATES, detect_column
 
     ct_col = detect_column(cells, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="celltype_col")
     result = simulate_anndata(predictor, cells, pert_col=pert_col, control=control, embed_key=embed_key,
@@ -310,7 +310,7 @@ def load_run(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None
     ``<run_dir>/checkpoints/``, or a path to any ``.ckpt``. Files are read through the
     restricted unpickler: nothing in them is executed.
     """
-    from state.tx.predictor import load_predictor
+    from state.tx.infer.predictor import load_predictor
 
     run_dir = Path(run_dir)
     ckpt = _checkpoint_file(run_dir, checkpoint)

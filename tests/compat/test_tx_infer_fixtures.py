@@ -10,7 +10,7 @@ import pytest
 
 from state.__main__ import main
 from state.io.safe_load import safe_torch_load
-from state.tx.infer import plan_windows
+from state.tx.infer.simulate import plan_windows
 
 FIX = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
 INPUT = FIX / "state_llama" / "infer_input.h5ad"
@@ -103,8 +103,8 @@ def test_infer_refuses_width_mismatch(tmp_path, capsys):
 
 def test_forward_batching_never_changes_results():
     """Windows are stacked into forward passes; how many per pass must not change a single bit."""
-    from state.tx.infer import feature_reader, simulate
-    from state.tx.predictor import load_predictor
+    from state.tx.infer.predictor import load_predictor
+    from state.tx.infer.simulate import feature_reader, simulate
 
     predictor = load_predictor(FIX / "state_llama" / "run")
     adata = ad.read_h5ad(INPUT)
@@ -204,7 +204,7 @@ def test_output_equal_to_input_and_negative_tsv_counts(tmp_path, capsys):
 
 
 def test_genes_are_aligned_to_the_model_or_refused(tmp_path, capsys):
-    from state.tx.predictor import load_predictor
+    from state.tx.infer.predictor import load_predictor
 
     predictor = load_predictor(FIX / "state_llama" / "run")
     genes = [f"G{i}" for i in range(6)]

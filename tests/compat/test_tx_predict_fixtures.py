@@ -93,7 +93,7 @@ def test_test_time_finetune_trains_on_control_sets_only():
     import torch
 
     from state.tx.models.registry import load_model_checkpoint
-    from state.tx.predict import _test_time_finetune
+    from state.tx.predict.run import _test_time_finetune
 
     expected = np.load(FIX / "expected.npz")
     names = expected["all_pert_name"]

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from state.__main__ import main
-from state.tx.config import compose_tx_config
+from state.tx.config.compose import compose_tx_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

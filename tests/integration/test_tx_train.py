@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.cli import run as cli_run
 from state.io.safe_load import safe_pickle_load, safe_torch_load
-from state.tx.config import compose_tx_config
-from state.tx.train import train
+from state.tx.config.compose import compose_tx_config
+from state.tx.train.run import train
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
 ARC_FILES = ("config.yaml", "data_module.torch", "var_dims.pkl", "pert_onehot_map.pt", "cell_type_onehot_map.torch",
@@ -138,7 +138,7 @@ def test_state_model_trains_resumes_and_survives_a_crash(synth, tmp_path, monkey
     assert "1" in steps_logged and "5" in steps_logged  # rows from before the resume are kept
 
     # crash in the middle of writing last.ckpt: the previous file stays intact and loadable
-    from state.tx import callbacks
+    from state.tx.train import callbacks
 
     def half_then_crash(self, checkpoint, fh):
         import io
@@ -235,7 +235,7 @@ def test_existing_run_dir_without_checkpoint_asks_for_overwrite(synth, tmp_path,
 
 def test_num_nodes_reaches_the_trainer(tmp_path):
     """Multi-node runs: `+training.num_nodes=N` is handed to Lightning (which reads the usual env vars)."""
-    from state.tx.train import _trainer
+    from state.tx.train.run import _trainer
 
     cfg = compose_tx_config(["+training.num_nodes=2", "training.strategy=ddp"])
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -245,7 +245,7 @@ def test_num_nodes_reaches_the_trainer(tmp_path):
 
 def test_train_uses_arc_state_matmul_precision_and_restores_it(synth, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("state.tx.train._train", lambda cfg: seen.append(torch.get_float32_matmul_precision()))
+    monkeypatch.setattr("state.tx.train.run._train", lambda cfg: seen.append(torch.get_float32_matmul_precision()))
     before = torch.get_float32_matmul_precision()
     train(compose_tx_config(_train_args(synth, tmp_path, "prec", *TINY_STATE)))
     assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
@@ -274,9 +274,9 @@ def test_a_full_precision_run_resumes_under_mixed_precision(synth, tmp_path):
 def test_inference_rebuild_matches_the_trained_lightning_module(synth, tmp_path, extra):
     """``infer``'s Lightning-free rebuild of a run we trained (LoRA, batch encoder, confidence token
     included) predicts what the LightningModule predicts, one set at a time."""
-    from state.tx.inference_net import TransitionInferenceModel
+    from state.tx.infer.net import TransitionInferenceModel
+    from state.tx.infer.predictor import load_predictor
     from state.tx.models.registry import load_model_checkpoint
-    from state.tx.predictor import load_predictor
 
     result = train(compose_tx_config(_train_args(synth, tmp_path, "lean", *TINY_STATE, *extra, steps=2)))
     predictor = load_predictor(result.run_dir)

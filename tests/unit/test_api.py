@@ -17,7 +17,7 @@ import torch
 from helpers.synthetic import make_perturbation_adata
 from state import api, heads
 from state.__main__ import main
-from state.tx.config import compose_tx_config
+from state.tx.config.compose import compose_tx_config
 from state.utils.errors import StateError
 
 FIX = Path(__file__).resolve().parents[1] / "data" / "fixtures"

@@ -130,7 +130,7 @@ def test_defaults_match_arc_state(command):
     args = _parse(command, [])
     for dest, expected in DEFAULTS[command].items():
         assert getattr(args, dest) == expected, dest
-    assert args.handler.startswith(f"state.{command[0]}.cli_handlers:")
+    assert args.handler.startswith(f"state.cli.{command[0]}_handlers:")
 
 
 @pytest.mark.parametrize(("command", "argv", "dest", "value"), SET_FLAGS + JULY_ALIASES)

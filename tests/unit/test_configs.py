@@ -15,7 +15,7 @@ from state.emb.config import (
     dataset_profiles,
     embedding_profiles,
 )
-from state.tx.config import (
+from state.tx.config.compose import (
     cell_sentence_len,
     compose_tx_config,
     config_groups,

@@ -67,7 +67,7 @@ def test_docs_show_commands():
 def test_documented_command_parses(page, argv):
     """Flags exist; `state tx train` overrides name real keys of the packaged config."""
     from state.cli import build_parser
-    from state.tx.config import compose_tx_config
+    from state.tx.config.compose import compose_tx_config
 
     args = build_parser().parse_args(argv[1:])
     if args.handler.endswith(":train") and args.command == "tx" and not args.help:

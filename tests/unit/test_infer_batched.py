@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from state.tx.inference_net import TransitionInferenceModel
+from state.tx.infer.net import TransitionInferenceModel
+from state.tx.infer.predictor import load_predictor
 from state.tx.models.registry import load_model_checkpoint
-from state.tx.predictor import load_predictor
 
 FIX = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"
 
@@ -92,7 +92,7 @@ def test_loading_a_state_run_for_inference_does_not_import_lightning():
     if not run.is_dir():
         pytest.skip("state_llama fixture not copied")
     code = (
-        "import sys; from state.tx.predictor import load_predictor; p = load_predictor(sys.argv[1]); "
+        "import sys; from state.tx.infer.predictor import load_predictor; p = load_predictor(sys.argv[1]); "
         "print(type(p.module).__name__, 'lightning' in sys.modules, 'torchmetrics' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)

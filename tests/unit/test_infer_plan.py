@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from state.tx import infer_edits
-from state.tx.infer import feature_reader, plan_windows
-from state.tx.infer_run import write_predictions
+from state.tx.infer import edits as infer_edits
+from state.tx.infer.run import write_predictions
+from state.tx.infer.simulate import feature_reader, plan_windows
 from state.utils.errors import StateError
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from helpers.synthetic import make_processed_dataset, write_toml
-from state.tx import obsm_cache
-from state.tx.data import state_data_module_class
+from state.tx.data import obsm_cache
+from state.tx.data.module import state_data_module_class
 
 
 def _dataset(tmp_path, monkeypatch, budget_mb: str):

@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from state.tx import rundir
-from state.tx.callbacks import AtomicCheckpointIO, RunCSVLogger, make_wandb_logger, remove_stale_temp_files
-from state.tx.data import cap_num_workers, usable_cpu_count
+from state.tx.data.module import cap_num_workers, usable_cpu_count
 from state.tx.models import registry
+from state.tx.train.callbacks import (
+    AtomicCheckpointIO,
+    RunCSVLogger,
+    make_wandb_logger,
+    remove_stale_temp_files,
+)
 from state.utils.errors import StateError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"

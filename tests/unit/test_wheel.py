@@ -16,7 +16,7 @@ CHECK = """
 import sys
 from pathlib import Path
 import state, state.config_paths
-from state.tx.config import compose_tx_config
+from state.tx.config.compose import compose_tx_config
 from state.emb.config import compose_emb_config
 root = Path(sys.argv[1]).resolve()
 assert Path(state.__file__).resolve().is_relative_to(root), state.__file__

@@ -17,7 +17,7 @@ def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="train (or continue training) the SE model")
     p.add_argument("--conf", default=None, help="YAML config; replaces the packaged state-defaults.yaml")
     p.add_argument("hydra_overrides", nargs="*", help="dotted key=value overrides")
-    p.set_defaults(handler="state.emb.cli_handlers:fit")
+    p.set_defaults(handler="state.cli.emb_handlers:fit")
 
 
 def _add_transform(sub) -> None:
@@ -41,7 +41,7 @@ def _add_transform(sub) -> None:
     p.add_argument("--gene-column", "--gene_column", dest="gene_column", default=None,
                    help="var column with gene names (default: auto-detect)")
     p.add_argument("--seed", type=int, default=None, help="seed gene sampling for bit-identical output")
-    p.set_defaults(handler="state.emb.cli_handlers:transform")
+    p.set_defaults(handler="state.cli.emb_handlers:transform")
 
 
 def _add_query(sub) -> None:
@@ -56,7 +56,7 @@ def _add_query(sub) -> None:
     p.add_argument("--filter", default=None, help="LanceDB where-expression on metadata columns")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=100,
                    help="query cells per search call")
-    p.set_defaults(handler="state.emb.cli_handlers:query")
+    p.set_defaults(handler="state.cli.emb_handlers:query")
 
 
 def _add_preprocess(sub) -> None:
@@ -70,7 +70,7 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--all-embeddings", "--all_embeddings", dest="all_embeddings", default=None,
                    help="dict gene -> vector (.pt); one-hot embeddings when absent")
     p.add_argument("--num-threads", "--num_threads", dest="num_threads", type=int, default=1)
-    p.set_defaults(handler="state.emb.cli_handlers:preprocess")
+    p.set_defaults(handler="state.cli.emb_handlers:preprocess")
 
 
 def _add_eval(sub) -> None:
@@ -83,4 +83,4 @@ def _add_eval(sub) -> None:
     p.add_argument("--gene-column", "--gene_column", dest="gene_column", default="gene_name")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
     p.add_argument("--protein-embeddings", "--protein_embeddings", dest="protein_embeddings", default=None)
-    p.set_defaults(handler="state.emb.cli_handlers:eval_")
+    p.set_defaults(handler="state.cli.emb_handlers:eval_")

@@ -30,7 +30,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument("hydra_overrides", nargs="*", help="Hydra overrides: key=value, +key=value, ~key, group=choice")
     p.add_argument("-h", "--help", action="store_true", help="print the composed default config and config groups")
-    p.set_defaults(handler="state.tx.cli_handlers:train")
+    p.set_defaults(handler="state.cli.tx_handlers:train")
 
 
 def _add_predict(sub) -> None:
@@ -48,7 +48,7 @@ def _add_predict(sub) -> None:
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
     _bool_flag(p, "--eval-train-data", "--eval_train_data", help="predict on the training split instead of test")
     _bool_flag(p, "--pseudobulk", help="average predictions per (context, perturbation) before evaluation")
-    p.set_defaults(handler="state.tx.cli_handlers:predict")
+    p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 
 def _add_infer(sub) -> None:
@@ -84,7 +84,7 @@ def _add_infer(sub) -> None:
                "(arc-state's silent behaviour) instead of stopping")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
-    p.set_defaults(handler="state.tx.cli_handlers:infer")
+    p.set_defaults(handler="state.cli.tx_handlers:infer")
 
 
 def _add_preprocess_train(sub) -> None:
@@ -95,7 +95,7 @@ def _add_preprocess_train(sub) -> None:
                    help="number of highly variable genes (written to obsm['X_hvg'])")
     _bool_flag(p, "--input-is-log1p", "--input_is_log1p",
                help="X is already normalized and log1p-transformed: only select HVGs")
-    p.set_defaults(handler="state.tx.cli_handlers:preprocess_train")
+    p.set_defaults(handler="state.cli.tx_handlers:preprocess_train")
 
 
 def _add_preprocess_infer(sub) -> None:
@@ -106,7 +106,7 @@ def _add_preprocess_infer(sub) -> None:
                    help="control label in --pert_col")
     p.add_argument("--pert_col", "--pert-col", dest="pert_col", required=True, help="obs column with perturbations")
     p.add_argument("--seed", type=int, default=42, help="RNG seed for control sampling")
-    p.set_defaults(handler="state.tx.cli_handlers:preprocess_infer")
+    p.set_defaults(handler="state.cli.tx_handlers:preprocess_infer")
 
 
 def _add_stats(sub) -> None:
@@ -122,4 +122,4 @@ def _add_stats(sub) -> None:
                    help="obs column with cell types: counts per cell type, deltas against same-type controls")
     p.add_argument("--top-n", "--top_n", dest="top_n", type=int, default=20,
                    help="changed genes listed per perturbation in top_genes.csv")
-    p.set_defaults(handler="state.tx.cli_handlers:stats")
+    p.set_defaults(handler="state.cli.tx_handlers:stats")

@@ -149,11 +149,11 @@ def load_model_checkpoint(path: str | Path, *, model_name: Any = None, **overrid
 
 def load_inference_module(path: str | Path, *, model_name: Any = None):
     """Like :func:`load_model_checkpoint`, for inference: the ``state`` model comes back as a plain
-    :class:`~state.tx.inference_net.TransitionInferenceModel` (no Lightning import); other models as
+    :class:`~state.tx.infer.net.TransitionInferenceModel` (no Lightning import); other models as
     their LightningModule."""
     checkpoint, entry = _read_tx_checkpoint(path, model_name)
     if entry.canonical == "state":
-        from state.tx.inference_net import TransitionInferenceModel
+        from state.tx.infer.net import TransitionInferenceModel
 
         return TransitionInferenceModel.from_checkpoint(checkpoint, path=path)
     from state.tx.checkpoint import build_from_checkpoint

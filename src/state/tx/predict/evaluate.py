@@ -41,7 +41,7 @@ def evaluate_and_plot(
     from cell_eval import MetricsEvaluator
     from cell_eval.utils import split_anndata_on_celltype
 
-    from state.tx.data import usable_cpu_count
+    from state.tx.data.module import usable_cpu_count
 
     preds = split_anndata_on_celltype(adata_pred, cell_type_key)
     reals = split_anndata_on_celltype(adata_real, cell_type_key)

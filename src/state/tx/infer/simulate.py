@@ -132,7 +132,7 @@ def simulate(
     max_cells_per_call: int = 4096,
     quiet: bool = False,
 ) -> SimulationResult:
-    """Run every window through ``predictor`` (see :class:`state.tx.predictor.SetPredictor`)."""
+    """Run every window through ``predictor`` (see :class:`state.tx.infer.predictor.SetPredictor`)."""
     preds: np.ndarray | None = None
     counts: np.ndarray | None = None
     done = np.zeros(n_cells, dtype=bool)
@@ -185,7 +185,7 @@ def detect_column(adata: ad.AnnData, explicit: str | None, candidates: tuple[str
 
 
 def infer_cli(args: argparse.Namespace) -> int:
-    from state.tx.infer_run import run_infer
+    from state.tx.infer.run import run_infer
 
     output = run_infer(
         model_dir=args.model_dir,

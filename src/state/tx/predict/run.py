@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from state.io.atomic import atomic_write_h5ad
-from state.tx.predict_collect import PredictionCollector, build_anndatas
+from state.tx.predict.collect import PredictionCollector, build_anndatas
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 from state.utils.progress import progress
@@ -60,7 +60,7 @@ def load_run_config(output_dir: Path) -> dict:
 def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     """Rebuild cell-load's data module from ``data_module.torch`` (read safely), relocating its TOML."""
     from state.io.safe_load import safe_torch_load
-    from state.tx.data import cap_num_workers, state_data_module_class
+    from state.tx.data.module import cap_num_workers, state_data_module_class
 
     state = dict(safe_torch_load(run_dir / "data_module.torch", what="data module state"))
     candidates = [toml, state.get("toml_config_path"), cfg["data"]["kwargs"].get("toml_config_path")]
@@ -169,7 +169,7 @@ def predict(
         for name, adata in (("adata_pred.h5ad", adata_pred), ("adata_real.h5ad", adata_real)):
             result.adata_paths.append(atomic_write_h5ad(adata, eval_dir / name))
     if not predict_only:
-        from state.tx.predict_eval import evaluate_and_plot
+        from state.tx.predict.evaluate import evaluate_and_plot
 
         result.metrics = evaluate_and_plot(
             adata_pred, adata_real, outdir=eval_dir, control_pert=control,
@@ -200,7 +200,7 @@ def predict_cli(args: argparse.Namespace) -> int:
         pseudobulk=args.pseudobulk,
     )
     if result.metrics:
-        from state.tx.predict_eval import format_summary
+        from state.tx.predict.evaluate import format_summary
 
         print(format_summary(result.metrics))  # the command's result, so stdout
     log.info("results in %s", result.eval_dir)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
-from state.tx import infer_edits
-from state.tx.infer import (
+from state.tx.infer import edits as infer_edits
+from state.tx.infer.simulate import (
     BATCH_CANDIDATES,
     CELLTYPE_CANDIDATES,
     CLIP_MAX,
@@ -101,7 +101,7 @@ def run_infer(
     max_cells: int | None = None,
     unknown_as_control: bool = False,
 ) -> Path:
-    from state.tx.predictor import load_predictor
+    from state.tx.infer.predictor import load_predictor
     output = Path(output) if output is not None else default_output_path(adata_path)
     if output.suffix.lower() not in (".h5ad", ".npy"):
         raise StateError(f"--output {output} must end in .h5ad or .npy")

@@ -278,7 +278,7 @@ def check_data_inputs(data_kwargs: Mapping[str, Any]) -> None:
 
 def _fast_transfer_class(base: type) -> type:
     """cell-load's data module plus two speed-ups: move only the tensors of a batch to the device, and
-    serve obsm rows from memory (:mod:`state.tx.obsm_cache`).
+    serve obsm rows from memory (:mod:`state.tx.data.obsm_cache`).
 
     Lightning's default transfer walks every element of the batch's string lists (pert_name,
     cell_type, barcodes, ... 8192 entries each for 16 sets of 512 cells): ~170 ms per batch on CPU,
@@ -294,7 +294,7 @@ def _fast_transfer_class(base: type) -> type:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
         def _create_base_dataset(self, *args: Any, **kwargs: Any) -> Any:
-            from state.tx import obsm_cache
+            from state.tx.data import obsm_cache
 
             return obsm_cache.install(super()._create_base_dataset(*args, **kwargs))
 

@@ -12,14 +12,14 @@ log = logging.getLogger(__name__)
 
 
 def train(args: argparse.Namespace) -> int:
-    from state.tx import config
+    from state.tx.config import compose as config
 
     if args.help:
         print(config.train_help_text())
         return 0
     cfg = config.compose_tx_config(list(args.hydra_overrides))
     config.validate_tx_config(cfg)  # every config problem in one line, before the heavy imports
-    from state.tx.train import train as run_train
+    from state.tx.train.run import train as run_train
     from state.utils.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # this process only trains: keep freed activation blocks for the next step
@@ -29,13 +29,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from state.tx.predict import predict_cli
+    from state.tx.predict.run import predict_cli
 
     return predict_cli(args)
 
 
 def infer(args: argparse.Namespace) -> int:
-    from state.tx.infer import infer_cli
+    from state.tx.infer.simulate import infer_cli
     from state.utils.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # this process only infers: keep freed activation blocks for the next batch

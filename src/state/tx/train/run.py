@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from state.tx import data as tx_data
 from state.tx import rundir
+from state.tx.data import module as tx_data
 from state.tx.models import registry
 from state.utils.errors import StateError
 from state.utils.logging import global_rank
@@ -54,7 +54,7 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
 
 def _validate(cfg: Any) -> None:
     try:
-        from state.tx.config import validate_tx_config
+        from state.tx.config.compose import validate_tx_config
     except ImportError:  # config module not present (partial install): structural checks below still run
         validate_tx_config = None
     if validate_tx_config is not None:
@@ -62,7 +62,7 @@ def _validate(cfg: Any) -> None:
     missing = [key for key in ("data", "model", "training", "name", "output_dir") if key not in cfg]
     if missing:
         raise StateError(f"the config lacks top-level key(s) {', '.join(missing)}",
-                         hint="compose it with `state tx train` or state.tx.config.compose_tx_config")
+                         hint="compose it with `state tx train` or state.tx.config.compose.compose_tx_config")
 
 
 def sentence_length(model_cfg: Mapping[str, Any]) -> int:
@@ -146,7 +146,7 @@ def _write_run_files(run_dir: Path, cfg: Any, dm: Any, var_dims: Mapping[str, An
 
 
 def _loggers(plain: Mapping[str, Any], run_dir: Path, resume_step: int | None) -> list:
-    from state.tx.callbacks import RunCSVLogger, make_wandb_logger
+    from state.tx.train.callbacks import RunCSVLogger, make_wandb_logger
 
     loggers: list = [RunCSVLogger(plain["output_dir"], str(plain["name"]), keep_rows_before_step=resume_step)]
     if plain.get("use_wandb"):
@@ -166,7 +166,12 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from state.tx.callbacks import AtomicCheckpointIO, BatchSpeedMonitor, GradientNormLogger, StateProgressBar
+    from state.tx.train.callbacks import (
+        AtomicCheckpointIO,
+        BatchSpeedMonitor,
+        GradientNormLogger,
+        StateProgressBar,
+    )
     from state.utils.progress import progress_enabled
 
     training = plain["training"]
@@ -179,7 +184,7 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
         BatchSpeedMonitor(interval=50),
     ]
     if registry.model_entry(model_name).canonical == "state":
-        from state.tx.flops import FlopsMonitor
+        from state.tx.train.flops import FlopsMonitor
 
         callbacks.append(GradientNormLogger())
         if "cumulative_flops_use_backward" in training or training.get("use_mfu"):
@@ -304,7 +309,7 @@ def _train(cfg: Any) -> TrainResult:
             raise
     ckpt_dir = run_dir / rundir.CHECKPOINT_DIR
     if plan.resume_from is not None:
-        from state.tx.callbacks import remove_stale_temp_files
+        from state.tx.train.callbacks import remove_stale_temp_files
 
         remove_stale_temp_files(ckpt_dir)
         log.info("resuming from %s", plan.resume_from)

@@ -1,0 +1,1 @@
+"""Composing and checking the Hydra config of `state tx train`."""

@@ -1,0 +1,1 @@
+"""`state tx infer`: input edits, the loaded predictor and the set simulation."""

@@ -1,0 +1,1 @@
+"""`state tx predict`: evaluating a run on its test split."""

@@ -1,0 +1,1 @@
+"""`state tx train`: the training run, its callbacks and FLOPs accounting."""
