@@ -22,6 +22,20 @@ def global_rank() -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stderr handler that survives its stream being closed.
+
+    The handler is created once per process; when a caller that swapped ``sys.stderr`` (pytest's
+    capture, a notebook) closes that stream, later records go to the current ``sys.stderr``
+    instead of raising "Logging error" tracebacks.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self.stream, "closed", False):
+            self.stream = sys.stderr  # setStream would flush the closed one
+        super().emit(record)
+
+
 def setup_logging(verbosity: int = 0) -> None:
     """Configure the ``state`` logger: 0 = INFO, 1+ = DEBUG, negative = WARNING only.
 
@@ -33,7 +47,7 @@ def setup_logging(verbosity: int = 0) -> None:
     logger = logging.getLogger("state")
     logger.setLevel(level)
     if not any(getattr(h, "_state_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler._state_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -42,7 +56,3 @@ def setup_logging(verbosity: int = 0) -> None:
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric", "h5py", "numba"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
-
-def get_logger(name: str) -> logging.Logger:
-    """Return a logger under the ``state`` namespace."""
-    return logging.getLogger(name if name.startswith("state") else f"state.{name}")
