@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from common import (  # noqa: E402
     make_data,
     median,
     run_cmd,
+    shown_command,
     write_all_train_toml,
     write_section,
 )
@@ -175,8 +175,8 @@ def markdown(args, series, ratios, marginal, compat_notes, diff, runs, big) -> s
     rss = {t: series[(t, "big")].peak_rss_mib for t in ("ours", "arc")}
     startup = {t: series[(t, "small")].median_seconds for t in ("ours", "arc")}
     per_rep = ", ".join(f"{r:.2f}" for r in ratios)
-    cmd = {t: shlex.join(infer_cmd(e, runs["arc"], big, DIR / f"out_{t}_big.h5ad"))
-           for t, e in (("ours", "state"), ("arc", "/root/arc/bin/state"))}
+    cmd = {t: shown_command(infer_cmd(e, runs["arc"], big, DIR / f"out_{t}_big.h5ad"))
+           for t, e in (("ours", "state"), ("arc", ARC))}
     lines = [
         "## `state tx infer` vs arc-state 0.11.1 (`bench/bench_tx_infer.py`)", "",
         f"Command: `python bench/bench_tx_infer.py --cells {args.cells} --reps {args.reps} --threads {args.threads} "

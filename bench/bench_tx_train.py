@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from common import (  # noqa: E402
     make_data,
     median,
     run_cmd,
+    shown_command,
     write_all_train_toml,
     write_section,
 )
@@ -104,8 +104,9 @@ def bench_size(size: str, *, toml: Path, reps: int, threads: int) -> dict:
             rep_rate[tool] = (long - short) / extra
             rates[tool].append(rep_rate[tool])
         ratios.append(rep_rate["ours"] / rep_rate["arc"])
-    example = {tool: shlex.join([exe, "tx", "train", *overrides(toml, out, size, long), f"name={tool}_{size}_{long}"])
-               for tool, exe in (("ours", "state"), ("arc", "/root/arc/bin/state"))}
+    example = {tool: shown_command([exe, "tx", "train", *overrides(toml, out, size, long),
+                                    f"name={tool}_{size}_{long}"])
+               for tool, exe in (("ours", "state"), ("arc", ARC))}
     return {
         "size": size, "steps": (short, long), "cells_per_step": cells_per_step,
         "rate": {t: median(v) for t, v in rates.items()}, "ratio": median(ratios), "ratios": ratios,

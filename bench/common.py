@@ -123,6 +123,18 @@ def machine_line(threads: int, load: tuple[float, float]) -> str:
             f"{load[0]:.1f}-{load[1]:.1f}; measured {time.strftime('%Y-%m-%d')}.")
 
 
+def shown_command(cmd: list[str]) -> str:
+    """A command as BENCHMARKS.md shows it: paths relative to the repository, arc-state as a placeholder.
+
+    The file is read on other machines, so no one checkout's absolute paths or venv location go into it.
+    """
+    words = []
+    for word in cmd:
+        word = word.replace(ARC, "<arc-state venv>/bin/state").replace(f"{ROOT}/", "")
+        words.append(word)
+    return shlex.join(words).replace("'<arc-state venv>/bin/state'", "<arc-state venv>/bin/state")
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the ``<!-- name:start --> ... <!-- name:end -->`` section of BENCHMARKS.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
