@@ -16,7 +16,6 @@ Only the input, the output matrices and one batch of windows are held in memory.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -182,34 +181,6 @@ def detect_column(adata: ad.AnnData, explicit: str | None, candidates: tuple[str
             )
         return explicit
     return next((c for c in candidates if c and c in adata.obs.columns), None)
-
-
-def infer_cli(args: argparse.Namespace) -> int:
-    from state.tx.infer.run import run_infer
-
-    output = run_infer(
-        model_dir=args.model_dir,
-        adata_path=args.adata,
-        output=args.output,
-        checkpoint=args.checkpoint,
-        embed_key=args.embed_key,
-        pert_col=args.pert_col,
-        celltype_col=args.celltype_col,
-        celltypes=args.celltypes,
-        batch_col=args.batch_col,
-        control_pert=args.control_pert,
-        seed=args.seed,
-        max_set_len=args.max_set_len,
-        quiet=args.quiet,
-        tsv=args.tsv,
-        all_perts=args.all_perts,
-        virtual_cells_per_pert=args.virtual_cells_per_pert,
-        min_cells=args.min_cells,
-        max_cells=args.max_cells,
-        unknown_as_control=args.unknown_as_control,
-    )
-    log.info("wrote %s", output)
-    return 0
 
 
 def default_output_path(adata_path: str | Path) -> Path:

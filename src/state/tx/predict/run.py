@@ -10,7 +10,6 @@ CSVs.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,25 +185,4 @@ def _load_var_dims(run_dir: Path) -> dict:
     return dict(safe_pickle_load(path, what="var_dims.pkl")) if path.is_file() else {}
 
 
-def predict_cli(args: argparse.Namespace) -> int:
-    result = predict(
-        args.output_dir,
-        toml=args.toml,
-        checkpoint=args.checkpoint,
-        test_time_finetune=args.test_time_finetune,
-        profile=args.profile,
-        predict_only=args.predict_only,
-        skip_adatas=args.skip_adatas,
-        shared_only=args.shared_only,
-        eval_train_data=args.eval_train_data,
-        pseudobulk=args.pseudobulk,
-    )
-    if result.metrics:
-        from state.tx.predict.evaluate import format_summary
-
-        print(format_summary(result.metrics))  # the command's result, so stdout
-    log.info("results in %s", result.eval_dir)
-    return 0
-
-
-__all__ = ["PredictResult", "predict", "predict_cli"]
+__all__ = ["PredictResult", "predict"]
