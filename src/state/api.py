@@ -290,31 +290,18 @@ def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_
                              output_space=predictor.output_space)
 
 
-def _checkpoint_file(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
-    """None -> final.ckpt; a bare name such as "best" or "last.ckpt" -> <run>/checkpoints/<name>."""
-    if checkpoint is None:
-        return run_dir / "checkpoints" / "final.ckpt"
-    path = Path(checkpoint)
-    if path.is_file():
-        return path
-    if len(path.parts) == 1:
-        name = path.name if path.suffix == ".ckpt" else f"{path.name}.ckpt"
-        return run_dir / "checkpoints" / name
-    return path
-
-
 def load_run(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None) -> Run:
     """Load a tx run directory (ours or arc-state's) for prediction.
 
-    ``checkpoint``: None for ``checkpoints/final.ckpt``, a name (``"best"``, ``"last.ckpt"``) in
-    ``<run_dir>/checkpoints/``, or a path to any ``.ckpt``. Files are read through the
-    restricted unpickler: nothing in them is executed.
+    ``checkpoint``: None for ``checkpoints/final.ckpt`` (``state tx infer``'s default), a name
+    (``"best"``, ``"last.ckpt"``) in ``<run_dir>/checkpoints/``, or a path to any ``.ckpt``. Files
+    are read through the restricted unpickler: nothing in them is executed.
     """
     from state.tx.infer.predictor import load_predictor
 
     run_dir = Path(run_dir)
-    ckpt = _checkpoint_file(run_dir, checkpoint)
-    return Run(run_dir=run_dir, checkpoint=ckpt, predictor=load_predictor(run_dir, ckpt))
+    predictor = load_predictor(run_dir, checkpoint)
+    return Run(run_dir=run_dir, checkpoint=predictor.checkpoint, predictor=predictor)
 
 
 # ---------------------------------------------------------------------------------------------- emb

@@ -134,6 +134,28 @@ def test_missing_checkpoint_lists_present_ones(tmp_path):
         rundir.checkpoint_path(tmp_path, "final.ckpt")
 
 
+def test_checkpoint_names_files_and_paths_resolve_by_one_rule(tmp_path, monkeypatch):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("final.ckpt", "best.ckpt", "last.ckpt", "best-v1.ckpt"):
+        (folder / name).write_bytes(b"x")
+    run = tmp_path / "run"
+    for given, expected in [("final", "final.ckpt"), ("best", "best.ckpt"), ("last.ckpt", "last.ckpt"),
+                            ("best-v1.ckpt", "best-v1.ckpt"), ("best-v1", "best-v1.ckpt")]:
+        assert rundir.checkpoint_path(run, given) == folder / expected
+    assert rundir.checkpoint_path(run) == folder / "final.ckpt"  # infer's and the API's default
+    assert rundir.checkpoint_path(run, None, default=rundir.PREDICT_CHECKPOINT) == folder / "last.ckpt"
+    elsewhere = tmp_path / "other" / "model.ckpt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    assert rundir.checkpoint_path(run, elsewhere) == elsewhere
+    monkeypatch.chdir(elsewhere.parent)
+    assert rundir.checkpoint_path(run, "model.ckpt") == Path("model.ckpt")  # a bare file name in the cwd
+    with pytest.raises(StateError, match=r"checkpoint not found: .*other.gone.ckpt \(available in .*run.checkpoints: "
+                       r"best-v1.ckpt, best.ckpt, final.ckpt, last.ckpt\)"):
+        rundir.checkpoint_path(run, elsewhere.parent / "gone.ckpt")
+
+
 def test_arc_state_run_dir_loads_without_twins():
     contents = rundir.load_run_dir(FIXTURES / "perturb_mean" / "run")
     assert contents.perturbations[0] == "TXG0023" and contents.perturbations[-1] == "non-targeting"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 from collections.abc import Mapping
@@ -249,13 +250,36 @@ def read_map(run_dir: str | Path, kind: str) -> dict[str, Any] | None:
     return {str(k): torch.as_tensor(v, dtype=torch.float32) for k, v in raw.items()}
 
 
-def checkpoint_path(run_dir: str | Path, name: str = "final.ckpt") -> Path:
-    path = Path(run_dir) / CHECKPOINT_DIR / name
-    if not path.is_file():
-        present = sorted(p.name for p in (Path(run_dir) / CHECKPOINT_DIR).glob("*.ckpt"))
-        raise StateError(f"checkpoint {path} not found; present: {', '.join(present) or 'none'}",
-                         hint="pass one of the present checkpoint names")
-    return path
+# The checkpoint a command reads when none is named (arc-state 0.11.1, tx_spec sections 1.3, 1.4).
+PREDICT_CHECKPOINT = "last.ckpt"
+INFER_CHECKPOINT = "final.ckpt"  # also the Python API's (api.load_run)
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str | os.PathLike | None = None, *,
+                    default: str = INFER_CHECKPOINT) -> Path:
+    """The checkpoint file a command reads from ``run_dir``: the one rule for every command.
+
+    ``checkpoint`` is None (the command's ``default``), a name in ``<run_dir>/checkpoints/`` with or
+    without ``.ckpt`` (``final``, ``best``, ``last``, ``best-v1.ckpt``), or a path to a ``.ckpt``.
+    A bare name is looked up in the run first, then in the working directory (infer's
+    ``--checkpoint`` has always taken paths). One-line error listing the run's checkpoints.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    given = Path(os.fspath(checkpoint if checkpoint is not None else default))
+    if len(given.parts) == 1 and not given.is_absolute():
+        in_run = [folder / given.name] if given.suffix == ".ckpt" else [folder / f"{given.name}.ckpt",
+                                                                         folder / given.name]
+        candidates = [*in_run, given]
+    else:
+        candidates = [given]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        return found
+    present = ", ".join(sorted(p.name for p in folder.glob("*.ckpt"))) if folder.is_dir() else ""
+    where = "" if candidates[0].parent == folder else f" in {folder}"
+    raise StateError(f"checkpoint not found: {candidates[0]} (available{where}: {present or 'none'})",
+                     hint="name one of the available checkpoints (final, best, last; .ckpt optional) "
+                     "or give the path to a .ckpt file")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import yaml
 
 from state.io.atomic import atomic_write_h5ad
 from state.tx.predict.collect import PredictionCollector, build_anndatas
+from state.tx.rundir import PREDICT_CHECKPOINT, checkpoint_path
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 from state.utils.progress import progress
@@ -107,7 +108,7 @@ def predict(
     output_dir: str | Path,
     *,
     toml: str | None = None,
-    checkpoint: str = "last.ckpt",
+    checkpoint: str | Path = PREDICT_CHECKPOINT,
     test_time_finetune: int = 0,
     profile: str = "full",
     predict_only: bool = False,
@@ -123,11 +124,7 @@ def predict(
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
     run_dir = resolve_run_dir(output_dir, cfg)
-    ckpt = run_dir / "checkpoints" / checkpoint
-    if not ckpt.is_file():
-        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-        raise StateError(f"checkpoint {ckpt} not found" + (f" (available: {', '.join(found)})" if found else ""),
-                         hint="pass --checkpoint with one of the available names")
+    ckpt = checkpoint_path(run_dir, checkpoint, default=PREDICT_CHECKPOINT)
     data = load_datamodule(run_dir, cfg, toml=toml)
     pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
     model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
@@ -151,7 +148,7 @@ def predict(
     log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
 
     tag = "eval_train_" if eval_train_data else "eval_"
-    eval_dir = output_dir / f"{tag}{Path(checkpoint).name}"
+    eval_dir = output_dir / f"{tag}{ckpt.name}"
     eval_dir.mkdir(parents=True, exist_ok=True)
     var_dims = _load_var_dims(run_dir)
     adata_pred, adata_real = build_anndatas(
