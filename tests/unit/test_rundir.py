@@ -114,6 +114,20 @@ def test_loaders_read_twins_when_pickles_are_absent(tmp_path):
     assert dims["pert_dim"] == 3 and dims["gene_names"][0] == "g1" and dims["pert_names"][-1] == "non-targeting"
 
 
+def test_loaders_read_twins_first(tmp_path):
+    dm = _FakeDataModule()
+    rundir.write_maps(tmp_path, dm)
+    rundir.write_var_dims(tmp_path, _var_dims())
+    with (tmp_path / "var_dims.pkl").open("wb") as fh:  # a pickle that disagrees with the twins
+        pickle.dump({**_var_dims(), "pert_dim": 99, "gene_names": ["x"]}, fh)
+    dims = rundir.read_var_dims(tmp_path)
+    assert dims["pert_dim"] == 3 and dims["gene_names"] == ["g1", "g2", "g3", "g4", "g5"]
+    assert rundir.read_genes(tmp_path)[0] == "g1"
+    (tmp_path / "var_dims.json").unlink()
+    (tmp_path / "vocab" / "genes.tsv").unlink()
+    assert rundir.read_var_dims(tmp_path)["pert_dim"] == 99 and rundir.read_genes(tmp_path) == ["x"]
+
+
 def test_loaders_refuse_code_in_pickles(tmp_path):
     class Evil:
         def __reduce__(self):

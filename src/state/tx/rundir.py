@@ -187,32 +187,64 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def read_var_dims(run_dir: str | Path) -> dict[str, Any]:
-    """var_dims as plain Python values (ints, lists of str)."""
-    run_dir = Path(run_dir)
+def read_data_module_state(run_dir: str | Path) -> dict[str, Any]:
+    """The keyword arguments of the data module saved in ``data_module.torch`` (read safely)."""
+    path = Path(run_dir) / DATA_MODULE_FILE
+    if not path.is_file():
+        raise StateError(f"{path} not found", hint="pass a run directory written by `state tx train`")
+    state = safe_torch_load(path, what="data module state")
+    if not isinstance(state, Mapping):
+        raise StateError(f"{path} does not hold the data module's settings", hint="re-create the run directory")
+    return dict(state)
+
+
+def stored_run_dir(given: str | Path, cfg: Mapping[str, Any]) -> Path:
+    """Where a run's data module and checkpoints live, as arc-state's ``predict`` finds them.
+
+    arc-state reopens ``cfg.output_dir/cfg.name``; when that is gone (the run was moved) the
+    folder given on the command line is the run.
+    """
+    stored = Path(str(cfg.get("output_dir", ""))) / str(cfg.get("name", ""))
+    if (stored / DATA_MODULE_FILE).is_file() and (stored / CHECKPOINT_DIR).is_dir():
+        return stored
+    return Path(given)
+
+
+def _pickled_var_dims(run_dir: Path) -> dict[str, Any] | None:
+    """arc-state's ``var_dims.pkl`` as plain Python values, or None when the run has none."""
     pkl = run_dir / VAR_DIMS_FILE
-    if pkl.is_file():
-        raw = safe_pickle_load(pkl, what="var_dims.pkl")
-        if not isinstance(raw, dict):
-            raise StateError(f"{pkl} does not hold a dict", hint="re-create the run directory")
-        return {k: _plain(v) for k, v in raw.items()}
+    if not pkl.is_file():
+        return None
+    raw = safe_pickle_load(pkl, what="var_dims.pkl")
+    if not isinstance(raw, dict):
+        raise StateError(f"{pkl} does not hold a dict", hint="re-create the run directory")
+    return {k: _plain(v) for k, v in raw.items()}
+
+
+def read_var_dims(run_dir: str | Path) -> dict[str, Any]:
+    """var_dims as plain Python values (ints, lists of str): our JSON twin first, else arc-state's pickle."""
+    run_dir = Path(run_dir)
     twin = run_dir / VAR_DIMS_JSON
     if twin.is_file():
         dims = json.loads(twin.read_text())
+        if not isinstance(dims, dict):
+            raise StateError(f"{twin} should hold a JSON object", hint="re-create the run directory")
         dims["gene_names"] = read_genes(run_dir)
-        pert_names = read_vocab(run_dir, "perturbation")
-        dims["pert_names"] = pert_names or []
+        dims["pert_names"] = read_vocab(run_dir, "perturbation") or []
         return dims
-    raise StateError(f"{pkl} not found", hint="pass a run directory written by `state tx train`")
+    pickled = _pickled_var_dims(run_dir)
+    if pickled is None:
+        raise StateError(f"{run_dir / VAR_DIMS_FILE} not found", hint="pass a run directory written by `state tx train`")
+    return pickled
 
 
 def read_genes(run_dir: str | Path) -> list[str]:
+    """The output gene order: ``vocab/genes.tsv``, else var_dims.pkl's ``gene_names``, else []."""
     path = Path(run_dir) / VOCAB_DIR / GENES_FILE
     if path.is_file():
         return [line for line in path.read_text().splitlines()[1:] if line]
-    if (Path(run_dir) / VAR_DIMS_FILE).is_file():
-        return list(read_var_dims(run_dir).get("gene_names") or [])
-    return []
+    pickled = _pickled_var_dims(Path(run_dir))
+    return [str(g) for g in (pickled or {}).get("gene_names") or []]
 
 
 def read_vocab(run_dir: str | Path, kind: str) -> list[str] | None:
@@ -319,23 +351,4 @@ def load_run_dir(run_dir: str | Path) -> RunDirContents:
         pert_map=pert_map,
         cell_type_map=read_map(run_dir, "cell_type"),
         batch_map=read_map(run_dir, "batch"),
-    )
-
-
-def load_run_artifacts(run_dir: str | Path) -> RunDirContents:
-    """Like :func:`load_run_dir`, but a missing ``config.yaml`` gives ``config=None`` (``infer`` can do without)."""
-    run_dir = Path(run_dir)
-    if (run_dir / CONFIG_FILE).is_file():
-        return load_run_dir(run_dir)
-    if not run_dir.is_dir():
-        raise StateError(f"run directory {run_dir} not found", hint="pass the folder written by `state tx train`")
-    pert_map = read_map(run_dir, "perturbation")
-    if pert_map is None:
-        raise StateError(f"{run_dir / MAP_FILES['perturbation'][0]} not found", hint="re-create the run directory")
-    return RunDirContents(
-        path=run_dir, config=None, var_dims=read_var_dims(run_dir),
-        perturbations=read_vocab(run_dir, "perturbation") or list(pert_map),
-        cell_types=read_vocab(run_dir, "cell_type"), batches=read_vocab(run_dir, "batch"),
-        genes=read_genes(run_dir), pert_map=pert_map,
-        cell_type_map=read_map(run_dir, "cell_type"), batch_map=read_map(run_dir, "batch"),
     )

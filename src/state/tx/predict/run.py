@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from state.io.atomic import atomic_write_h5ad
+from state.tx import rundir
 from state.tx.predict.collect import PredictionCollector, build_anndatas
-from state.tx.rundir import PREDICT_CHECKPOINT, checkpoint_path
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 from state.utils.progress import progress
@@ -35,34 +34,20 @@ class PredictResult:
     metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
 
 
-def resolve_run_dir(output_dir: Path, cfg: dict) -> Path:
-    """arc-state reopens ``cfg.output_dir/cfg.name``; when that is gone (run moved) use ``output_dir``."""
-    stored = Path(str(cfg.get("output_dir", ""))) / str(cfg.get("name", ""))
-    if (stored / "data_module.torch").is_file() and (stored / "checkpoints").is_dir():
-        return stored
-    return output_dir
-
-
 def load_run_config(output_dir: Path) -> dict:
-    from state.tx.rundir import refuse_se_folder
-
-    refuse_se_folder(output_dir)
-    path = output_dir / "config.yaml"
-    if not path.is_file():
-        raise StateError(f"{path} not found", hint="--output-dir must be a run directory written by `state tx train`")
-    with path.open() as fh:
-        cfg = yaml.safe_load(fh)
-    if not isinstance(cfg, dict) or "data" not in cfg or "model" not in cfg:
-        raise StateError(f"{path} is not a state run config (no data/model sections)")
+    """The run's config.yaml; refuses SE folders and configs without data/model sections."""
+    rundir.refuse_se_folder(output_dir)
+    cfg = rundir.read_config(output_dir)
+    if "data" not in cfg or "model" not in cfg:
+        raise StateError(f"{output_dir / rundir.CONFIG_FILE} is not a state run config (no data/model sections)")
     return cfg
 
 
 def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     """Rebuild cell-load's data module from ``data_module.torch`` (read safely), relocating its TOML."""
-    from state.io.safe_load import safe_torch_load
     from state.tx.data.module import cap_num_workers, state_data_module_class
 
-    state = dict(safe_torch_load(run_dir / "data_module.torch", what="data module state"))
+    state = rundir.read_data_module_state(run_dir)
     candidates = [toml, state.get("toml_config_path"), cfg["data"]["kwargs"].get("toml_config_path")]
     chosen = next((c for c in candidates if c and Path(c).is_file()), None)
     if chosen is None:
@@ -108,7 +93,7 @@ def predict(
     output_dir: str | Path,
     *,
     toml: str | None = None,
-    checkpoint: str | Path = PREDICT_CHECKPOINT,
+    checkpoint: str | Path = rundir.PREDICT_CHECKPOINT,
     test_time_finetune: int = 0,
     profile: str = "full",
     predict_only: bool = False,
@@ -123,8 +108,8 @@ def predict(
 
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
-    run_dir = resolve_run_dir(output_dir, cfg)
-    ckpt = checkpoint_path(run_dir, checkpoint, default=PREDICT_CHECKPOINT)
+    run_dir = rundir.stored_run_dir(output_dir, cfg)
+    ckpt = rundir.checkpoint_path(run_dir, checkpoint, default=rundir.PREDICT_CHECKPOINT)
     data = load_datamodule(run_dir, cfg, toml=toml)
     pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
     model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
@@ -150,7 +135,6 @@ def predict(
     tag = "eval_train_" if eval_train_data else "eval_"
     eval_dir = output_dir / f"{tag}{ckpt.name}"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    var_dims = _load_var_dims(run_dir)
     adata_pred, adata_real = build_anndatas(
         collector,
         pert_col=data_kwargs.get("pert_col", "gene"),
@@ -158,7 +142,7 @@ def predict(
         batch_key=data_kwargs.get("batch_col") or "batch",
         embed_key=data_kwargs.get("embed_key"),
         output_space=data_kwargs.get("output_space", "gene"),
-        gene_names=var_dims.get("gene_names"),
+        gene_names=rundir.read_genes(run_dir) or None,
     )
     result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
     if not skip_adatas:
@@ -173,13 +157,6 @@ def predict(
             embed_key=data_kwargs.get("embed_key"), profile=profile,
         )
     return result
-
-
-def _load_var_dims(run_dir: Path) -> dict:
-    from state.io.safe_load import safe_pickle_load
-
-    path = run_dir / "var_dims.pkl"
-    return dict(safe_pickle_load(path, what="var_dims.pkl")) if path.is_file() else {}
 
 
 __all__ = ["PredictResult", "predict"]
