@@ -52,29 +52,27 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def infer(args: argparse.Namespace) -> int:
+    from state.io.columns import ColumnChoices
+    from state.tx.infer.edits import InputEdits
     from state.tx.infer.run import run_infer
     from state.utils.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # this process only infers: keep freed activation blocks for the next batch
+    columns = ColumnChoices(pert_col=args.pert_col, control_pert=args.control_pert, celltype_col=args.celltype_col,
+                            batch_col=args.batch_col, embed_key=args.embed_key)
+    edits = InputEdits(tsv=args.tsv, celltypes=args.celltypes, all_perts=args.all_perts,
+                       virtual_cells_per_pert=args.virtual_cells_per_pert, min_cells=args.min_cells,
+                       max_cells=args.max_cells)
     output = run_infer(
         model_dir=args.model_dir,
         adata_path=args.adata,
         output=args.output,
         checkpoint=args.checkpoint,
-        embed_key=args.embed_key,
-        pert_col=args.pert_col,
-        celltype_col=args.celltype_col,
-        celltypes=args.celltypes,
-        batch_col=args.batch_col,
-        control_pert=args.control_pert,
+        columns=columns,
+        edits=edits,
         seed=args.seed,
         max_set_len=args.max_set_len,
         quiet=args.quiet,
-        tsv=args.tsv,
-        all_perts=args.all_perts,
-        virtual_cells_per_pert=args.virtual_cells_per_pert,
-        min_cells=args.min_cells,
-        max_cells=args.max_cells,
         unknown_as_control=args.unknown_as_control,
     )
     log.info("wrote %s", output)

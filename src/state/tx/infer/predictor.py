@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from state.io.columns import RunColumns
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 
@@ -43,6 +44,12 @@ class SetPredictor:
     @property
     def pert_names(self) -> list[str]:
         return list(self.pert_map)
+
+    @property
+    def run_columns(self) -> RunColumns:
+        """The roles the run remembers, for :func:`state.io.columns.resolve_columns`."""
+        return RunColumns(control_pert=self.control_pert, cell_type_key=self.cell_type_key,
+                          batch_col=self.batch_col, needs_batch=self.uses_batch)
 
     @property
     def uses_batch(self) -> bool:

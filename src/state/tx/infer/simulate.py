@@ -20,7 +20,6 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -34,8 +33,6 @@ from state.utils.progress import progress
 log = logging.getLogger(__name__)
 
 CLIP_MAX = 14.0
-CELLTYPE_CANDIDATES = ("cell_type", "celltype", "cellType", "ctype", "celltype_col")
-BATCH_CANDIDATES = ("gem_group", "gemgroup", "batch", "donor", "plate", "experiment", "lane", "batch_id")
 
 
 @dataclass(frozen=True)
@@ -169,21 +166,3 @@ def simulate(
     if preds is None:
         preds = np.full((n_cells, 0), np.nan, dtype=np.float32)
     return SimulationResult(preds=preds, counts=counts, done=done)
-
-
-def detect_column(adata: ad.AnnData, explicit: str | None, candidates: tuple[str, ...], *, flag: str) -> str | None:
-    if explicit is not None:
-        if explicit not in adata.obs.columns:
-            raise StateError(
-                f"{flag} '{explicit}' is not an obs column of the input "
-                f"(columns: {', '.join(map(str, adata.obs.columns))})",
-                hint=f"pass {flag} naming an existing column",
-            )
-        return explicit
-    return next((c for c in candidates if c and c in adata.obs.columns), None)
-
-
-def default_output_path(adata_path: str | Path) -> Path:
-    path = Path(adata_path)
-    name = path.name[: -len(".h5ad")] if path.name.endswith(".h5ad") else path.name
-    return path.with_name(f"{name}_simulated.h5ad")
