@@ -241,6 +241,7 @@ class Run:
         """
         from state.io.columns import ColumnChoices, resolve_columns
         from state.tx.infer import edits as infer_edits
+        from state.tx.infer.run import simulate_anndata, write_predictions
 
         choices = ColumnChoices(pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col,
                                 batch_col=batch_col, embed_key=self._embed_key(embed_key))
@@ -251,8 +252,11 @@ class Run:
             requests = _requests(perturbations, default_cells=n_cells or n_controls)
             cells = infer_edits.pad_from_tsv(cells, requests, pert_col=columns.pert_col, control=columns.control,
                                              seed=seed)
-        return _simulate_cells(self.predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
-                               unknown_as_control=unknown_as_control)
+        # the simulation step of `state tx infer`, the very same functions
+        result = simulate_anndata(self.predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
+                                  unknown_as_control=unknown_as_control)
+        return write_predictions(cells, result.preds, result.counts, embed_key=columns.embed_key,
+                                 output_space=self.predictor.output_space)
 
     def _embed_key(self, embed_key: str | None) -> str | None:
         if embed_key == "X":
@@ -271,16 +275,6 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
     if negative:
         raise StateError(f"negative cell counts requested for {', '.join(negative[:5])}")
     return requests
-
-
-def _simulate_cells(predictor, cells, columns, *, seed, max_set_len, quiet, unknown_as_control):
-    """The simulation step of ``state tx infer`` on an in-memory AnnData (the very same function)."""
-    from state.tx.infer.run import simulate_anndata, write_predictions
-
-    result = simulate_anndata(predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
-                              unknown_as_control=unknown_as_control)
-    return write_predictions(cells, result.preds, result.counts, embed_key=columns.embed_key,
-                             output_space=predictor.output_space)
 
 
 def load_run(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None) -> Run:

@@ -89,6 +89,29 @@ def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
     model.eval()
 
 
+def _load_model(ckpt: Path, cfg: dict):
+    """The run's model class from config, seeded as arc-state's predict seeds it, in eval mode."""
+    import lightning.pytorch as pl
+
+    from state.tx.models.registry import load_model_checkpoint
+
+    pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
+    model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
+    model.to(inference_device())
+    model.eval()
+    return model
+
+
+def _collect(model, loader, collector: PredictionCollector) -> PredictionCollector:
+    total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
+    with torch.inference_mode():
+        for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
+            out = model.predict_step(batch_to_device(batch, model.device), idx, padded=False)
+            collector.add(batch, out)
+    log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
+    return collector
+
+
 def predict(
     output_dir: str | Path,
     *,
@@ -102,46 +125,28 @@ def predict(
     eval_train_data: bool = False,
     pseudobulk: bool = False,
 ) -> PredictResult:
-    import lightning.pytorch as pl
-
-    from state.tx.models.registry import load_model_checkpoint
-
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
     run_dir = rundir.stored_run_dir(output_dir, cfg)
     ckpt = rundir.checkpoint_path(run_dir, checkpoint, default=rundir.PREDICT_CHECKPOINT)
     data = load_datamodule(run_dir, cfg, toml=toml)
-    pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
-    model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
-    model.to(inference_device())
-    model.eval()
+    model = _load_model(ckpt, cfg)
     control = str(data.get_control_pert())
-    data_kwargs = cfg["data"]["kwargs"]
     loader = data.train_dataloader(test=True) if eval_train_data else data.test_dataloader()
     if not loader:
         raise StateError("this run's TOML has no test split to predict", hint="add a [zeroshot] or [fewshot] test entry, or pass --toml")
     if test_time_finetune > 0:
         _test_time_finetune(model, loader, epochs=test_time_finetune, control=control)
-
     shared = data.get_shared_perturbations() if shared_only else None
-    collector = PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared)
-    total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
-    with torch.inference_mode():
-        for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
-            out = model.predict_step(batch_to_device(batch, model.device), idx, padded=False)
-            collector.add(batch, out)
-    log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
+    collector = _collect(model, loader, PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared))
 
-    tag = "eval_train_" if eval_train_data else "eval_"
-    eval_dir = output_dir / f"{tag}{ckpt.name}"
+    eval_dir = output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    data_kwargs = cfg["data"]["kwargs"]
+    pert_col, cell_type_key = data_kwargs.get("pert_col", "gene"), data_kwargs.get("cell_type_key", "cell_type")
     adata_pred, adata_real = build_anndatas(
-        collector,
-        pert_col=data_kwargs.get("pert_col", "gene"),
-        cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
-        batch_key=data_kwargs.get("batch_col") or "batch",
-        embed_key=data_kwargs.get("embed_key"),
-        output_space=data_kwargs.get("output_space", "gene"),
+        collector, pert_col=pert_col, cell_type_key=cell_type_key, batch_key=data_kwargs.get("batch_col") or "batch",
+        embed_key=data_kwargs.get("embed_key"), output_space=data_kwargs.get("output_space", "gene"),
         gene_names=rundir.read_genes(run_dir) or None,
     )
     result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
@@ -151,11 +156,9 @@ def predict(
     if not predict_only:
         from state.tx.predict.evaluate import evaluate_and_plot
 
-        result.metrics = evaluate_and_plot(
-            adata_pred, adata_real, outdir=eval_dir, control_pert=control,
-            pert_col=data_kwargs.get("pert_col", "gene"), cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
-            embed_key=data_kwargs.get("embed_key"), profile=profile,
-        )
+        result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
+                                           pert_col=pert_col, cell_type_key=cell_type_key,
+                                           embed_key=data_kwargs.get("embed_key"), profile=profile)
     return result
 
 
