@@ -78,3 +78,23 @@ def test_require_controls_counts_or_names_the_label():
     other = dataclasses.replace(columns, control="DMSO")
     with pytest.raises(StateError, match=r"control label 'DMSO' not found in obs\['gene'\] \(present: ctl, x\)"):
         other.require_controls(cells)
+
+
+def test_label_errors_name_the_option_as_the_caller_spells_it():
+    from types import SimpleNamespace
+
+    from state.tx.infer.run import check_labels
+
+    cells = _cells(gene=["ctl", "mystery", "ctl"])
+    predictor = SimpleNamespace(pert_names=["known"])
+    labels, groups = np.array(["ctl", "mystery", "ctl"]), np.array(["A", "A", "A"])
+    for cli, flag in [(True, "--unknown-as-control"), (False, "unknown_as_control=True")]:
+        columns = resolve_columns(cells, ColumnChoices(pert_col="gene", control_pert="ctl"), RunColumns(), cli=cli)
+        with pytest.raises(StateError, match="unknown to the model: mystery") as info:
+            check_labels(labels, groups, predictor, columns, unknown_as_control=False)
+        assert flag in info.value.one_line()
+        check_labels(labels, groups, predictor, columns, unknown_as_control=True)  # allowed when asked for
+    columns = resolve_columns(cells, ColumnChoices(pert_col="gene", control_pert="ctl"), RunColumns(), cli=True)
+    with pytest.raises(StateError, match=r"no control cells \('ctl'\) in cell type\(s\) B") as info:
+        check_labels(labels, np.array(["A", "B", "A"]), predictor, columns, unknown_as_control=True)
+    assert "--celltypes" in info.value.one_line()

@@ -141,8 +141,7 @@ def simulate_anndata(
         adata = predictor.align_genes(adata)
     read, width = feature_reader(adata, columns.embed_key)
     predictor.check_input_width(width, embed_key=columns.embed_key)
-    check_labels(labels, groups, predictor, control=columns.control, unknown_as_control=unknown_as_control,
-                 flag_prefix="--" if columns.cli else "")
+    check_labels(labels, groups, predictor, columns, unknown_as_control=unknown_as_control)
     set_len = int(max_set_len or predictor.cell_set_len)
     windows, skipped = plan_windows(labels, groups, control=columns.control, set_len=set_len, seed=seed)
     if skipped:
@@ -153,12 +152,13 @@ def simulate_anndata(
     return result
 
 
-def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: str, unknown_as_control: bool,
-                 flag_prefix: str = "") -> None:
+def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, columns: InputColumns, *,
+                 unknown_as_control: bool) -> None:
     """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
+    control = columns.control
     unknown = sorted(set(pd.unique(labels)) - set(predictor.pert_names) - {control})
     if unknown and not unknown_as_control:
-        flag = f"{flag_prefix}unknown-as-control" if flag_prefix else "unknown_as_control=True"
+        flag = columns.flag("unknown_as_control") + ("" if columns.cli else "=True")
         raise StateError(
             f"{len(unknown)} perturbation(s) in the input are unknown to the model: {', '.join(unknown[:10])}"
             + (", ..." if len(unknown) > 10 else ""),
@@ -172,7 +172,7 @@ def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: 
     has_control = np.bincount(group_codes[is_control], minlength=len(group_names)) > 0
     lacking = [str(g) for g in group_names[~has_control]]
     if lacking and is_control.any():
-        flag = f"{flag_prefix}celltypes" if flag_prefix else "celltypes"
+        flag = columns.flag("celltypes")
         raise StateError(
             f"no control cells ('{control}') in cell type(s) {', '.join(lacking[:10])}: their basal cells "
             "would come from other cell types",
