@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from state.io.columns import DEFAULT_PERT_COL
 from state.utils.errors import StateError
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class Run:
         adata: ad.AnnData,
         *,
         perturbations: Mapping[str, int] | Sequence[str] | None = None,
-        pert_col: str = "gene",
+        pert_col: str = DEFAULT_PERT_COL,
         embed_key: str | None = None,
         control_pert: str | None = None,
         celltype_col: str | None = None,
@@ -230,32 +231,32 @@ class Run:
         perturbed cells only. Perturbations the model does not know are refused unless
         ``unknown_as_control=True`` (then they get the control vector, as in arc-state).
 
-        Features are read from ``obsm[embed_key]``; the default is the key the model was trained
-        on (``"X"`` forces ``.X``). Predictions land where ``infer`` puts them: ``obsm[embed_key]``
+        Column roles have ``state tx infer``'s defaults: ``pert_col`` is ``"drugname_drugconc"``
+        (pass your column, e.g. ``"gene"``), the control label comes from the run, the cell-type
+        and batch columns are auto-detected. Only the features differ: they are read from
+        ``obsm[embed_key]`` and the default is the key the model was trained on (``"X"`` forces
+        ``.X``; the command's default is ``.X``). Predictions land where ``infer`` puts them: ``obsm[embed_key]``
         (latent), ``.X`` (gene space, clipped to [0, 14]), ``obsm['X_hvg']`` (decoded HVG
         counts) or ``obsm['X_state_pred']`` when the width differs from the input's.
         """
+        from state.io.columns import ColumnChoices, resolve_columns
         from state.tx.infer import edits as infer_edits
-        from state.tx.infer.run import resolve_control
+        from state.tx.infer.run import simulate_anndata, write_predictions
 
-        features = self._embed_key(embed_key)
-        if pert_col not in adata.obs.columns:
-            raise StateError(f"pert_col '{pert_col}' is not an obs column (columns: "
-                             f"{', '.join(map(str, adata.obs.columns))})", hint="pass pert_col=<perturbation column>")
-        control = resolve_control(control_pert, self.control_pert, pert_col)
-        labels = adata.obs[pert_col].astype(str).to_numpy()
-        n_controls = int((labels == control).sum())
-        if n_controls == 0:
-            raise StateError(f"control label '{control}' not found in obs['{pert_col}'] "
-                             f"(present: {', '.join(sorted(set(labels))[:8])})",
-                             hint="pass control_pert=<your control label>")
+        choices = ColumnChoices(pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col,
+                                batch_col=batch_col, embed_key=self._embed_key(embed_key))
+        columns = resolve_columns(adata, choices, self.predictor.run_columns, cli=False)
+        n_controls = columns.require_controls(adata)
         cells = adata.copy()
         if perturbations is not None:
             requests = _requests(perturbations, default_cells=n_cells or n_controls)
-            cells = infer_edits.pad_from_tsv(cells, requests, pert_col=pert_col, control=control, seed=seed)
-        return _simulate_cells(self.predictor, cells, pert_col=pert_col, control=control, embed_key=features,
-                               celltype_col=celltype_col, batch_col=batch_col, seed=seed,
-                               max_set_len=max_set_len, quiet=quiet, unknown_as_control=unknown_as_control)
+            cells = infer_edits.pad_from_tsv(cells, requests, pert_col=columns.pert_col, control=columns.control,
+                                             seed=seed)
+        # the simulation step of `state tx infer`, the very same functions
+        result = simulate_anndata(self.predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
+                                  unknown_as_control=unknown_as_control)
+        return write_predictions(cells, result.preds, result.counts, embed_key=columns.embed_key,
+                                 output_space=self.predictor.output_space)
 
     def _embed_key(self, embed_key: str | None) -> str | None:
         if embed_key == "X":
@@ -276,45 +277,18 @@ def _requests(perturbations: Mapping[str, int] | Sequence[str], *, default_cells
     return requests
 
 
-def _simulate_cells(predictor, cells, *, pert_col, control, embed_key, celltype_col, batch_col, seed,
-                    max_set_len, quiet, unknown_as_control=False):
-    """The simulation step of ``state tx infer`` on an in-memory AnnData (the very same function)."""
-    from state.tx.infer.run import simulate_anndata, write_predictions
-    from state.tx.infer.simulate import CELLTYPE_CANDIDATES, detect_column
-
-    ct_col = detect_column(cells, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="celltype_col")
-    result = simulate_anndata(predictor, cells, pert_col=pert_col, control=control, embed_key=embed_key,
-                              celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
-                              quiet=quiet, unknown_as_control=unknown_as_control)
-    return write_predictions(cells, result.preds, result.counts, embed_key=embed_key,
-                             output_space=predictor.output_space)
-
-
-def _checkpoint_file(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
-    """None -> final.ckpt; a bare name such as "best" or "last.ckpt" -> <run>/checkpoints/<name>."""
-    if checkpoint is None:
-        return run_dir / "checkpoints" / "final.ckpt"
-    path = Path(checkpoint)
-    if path.is_file():
-        return path
-    if len(path.parts) == 1:
-        name = path.name if path.suffix == ".ckpt" else f"{path.name}.ckpt"
-        return run_dir / "checkpoints" / name
-    return path
-
-
 def load_run(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None) -> Run:
     """Load a tx run directory (ours or arc-state's) for prediction.
 
-    ``checkpoint``: None for ``checkpoints/final.ckpt``, a name (``"best"``, ``"last.ckpt"``) in
-    ``<run_dir>/checkpoints/``, or a path to any ``.ckpt``. Files are read through the
-    restricted unpickler: nothing in them is executed.
+    ``checkpoint``: None for ``checkpoints/final.ckpt`` (``state tx infer``'s default), a name
+    (``"best"``, ``"last.ckpt"``) in ``<run_dir>/checkpoints/``, or a path to any ``.ckpt``. Files
+    are read through the restricted unpickler: nothing in them is executed.
     """
     from state.tx.infer.predictor import load_predictor
 
     run_dir = Path(run_dir)
-    ckpt = _checkpoint_file(run_dir, checkpoint)
-    return Run(run_dir=run_dir, checkpoint=ckpt, predictor=load_predictor(run_dir, ckpt))
+    predictor = load_predictor(run_dir, checkpoint)
+    return Run(run_dir=run_dir, checkpoint=predictor.checkpoint, predictor=predictor)
 
 
 # ---------------------------------------------------------------------------------------------- emb

@@ -216,3 +216,48 @@ def test_genes_are_aligned_to_the_model_or_refused(tmp_path, capsys):
     np.testing.assert_array_equal(aligned.X, np.arange(24, dtype=np.float32).reshape(4, 6))
     with pytest.raises(Exception, match="2 of the model's 6 genes are missing"):
         predictor.align_genes(shuffled[:, 2:].copy())
+
+
+@pytest.fixture(scope="module")
+def run_with_best(tmp_path_factory) -> Path:
+    """The llama run plus a checkpoints/best.ckpt whose weights differ from final.ckpt."""
+    import shutil
+
+    import torch
+
+    run = tmp_path_factory.mktemp("best") / "run"
+    shutil.copytree(FIX / "state_llama" / "run", run)
+    ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder.") and k.endswith("weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] * 1.5
+    torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+    return run
+
+
+def test_infer_checkpoint_by_name_equals_api_and_path(tmp_path, run_with_best):
+    from state import api
+
+    outputs = {}
+    for label, checkpoint in [("name", "best"), ("file", "best.ckpt"),
+                              ("path", str(run_with_best / "checkpoints" / "best.ckpt")), ("default", None)]:
+        out = tmp_path / f"{label}.h5ad"
+        extra = [] if checkpoint is None else ["--checkpoint", checkpoint]
+        assert main(["tx", "infer", "--model-dir", str(run_with_best), "--adata", str(INPUT), "--pert-col", "gene",
+                     "--embed-key", "X_hvg", "--output", str(out), "--quiet", "--unknown-as-control", *extra]) == 0
+        outputs[label] = ad.read_h5ad(out).obsm["X_hvg"]
+    assert np.array_equal(outputs["name"], outputs["file"]) and np.array_equal(outputs["name"], outputs["path"])
+    assert not np.allclose(outputs["name"], outputs["default"])  # default is final.ckpt, not best
+    run = api.load_run(run_with_best, checkpoint="best")
+    assert run.checkpoint == run_with_best / "checkpoints" / "best.ckpt"
+    cells = ad.read_h5ad(INPUT)
+    via_api = run.predict(cells, pert_col="gene", seed=42, unknown_as_control=True)
+    np.testing.assert_array_equal(via_api.obsm["X_hvg"], outputs["name"])
+
+
+def test_infer_unknown_checkpoint_names_run_and_lists_present(tmp_path, capsys, run_with_best):
+    out = tmp_path / "o.h5ad"
+    assert main(["tx", "infer", "--model-dir", str(run_with_best), "--adata", str(INPUT), "--pert-col", "gene",
+                 "--embed-key", "X_hvg", "--output", str(out), "--checkpoint", "last"]) == 2
+    err = _one_line_error(capsys)
+    assert str(run_with_best / "checkpoints" / "last.ckpt") in err and "(available: best.ckpt, final.ckpt)" in err
+    assert not out.exists()

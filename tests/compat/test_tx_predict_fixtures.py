@@ -112,3 +112,11 @@ def test_predict_cli_with_test_time_finetune_runs(moved_run):
     run, toml = moved_run
     assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "final.ckpt", "--toml", str(toml),
                  "--predict-only", "--skip-adatas", "--test-time-finetune", "1"]) == 0
+
+
+def test_predict_takes_checkpoint_names_without_suffix(moved_run):
+    run, toml = moved_run
+    shutil.rmtree(run / "eval_final.ckpt", ignore_errors=True)
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "final", "--toml", str(toml),
+                 "--predict-only", "--skip-adatas"]) == 0
+    assert (run / "eval_final.ckpt").is_dir()  # named after the file, as with --checkpoint final.ckpt

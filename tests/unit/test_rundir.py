@@ -114,6 +114,20 @@ def test_loaders_read_twins_when_pickles_are_absent(tmp_path):
     assert dims["pert_dim"] == 3 and dims["gene_names"][0] == "g1" and dims["pert_names"][-1] == "non-targeting"
 
 
+def test_loaders_read_twins_first(tmp_path):
+    dm = _FakeDataModule()
+    rundir.write_maps(tmp_path, dm)
+    rundir.write_var_dims(tmp_path, _var_dims())
+    with (tmp_path / "var_dims.pkl").open("wb") as fh:  # a pickle that disagrees with the twins
+        pickle.dump({**_var_dims(), "pert_dim": 99, "gene_names": ["x"]}, fh)
+    dims = rundir.read_var_dims(tmp_path)
+    assert dims["pert_dim"] == 3 and dims["gene_names"] == ["g1", "g2", "g3", "g4", "g5"]
+    assert rundir.read_genes(tmp_path)[0] == "g1"
+    (tmp_path / "var_dims.json").unlink()
+    (tmp_path / "vocab" / "genes.tsv").unlink()
+    assert rundir.read_var_dims(tmp_path)["pert_dim"] == 99 and rundir.read_genes(tmp_path) == ["x"]
+
+
 def test_loaders_refuse_code_in_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -132,6 +146,28 @@ def test_missing_checkpoint_lists_present_ones(tmp_path):
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(StateError, match="last.ckpt"):
         rundir.checkpoint_path(tmp_path, "final.ckpt")
+
+
+def test_checkpoint_names_files_and_paths_resolve_by_one_rule(tmp_path, monkeypatch):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("final.ckpt", "best.ckpt", "last.ckpt", "best-v1.ckpt"):
+        (folder / name).write_bytes(b"x")
+    run = tmp_path / "run"
+    for given, expected in [("final", "final.ckpt"), ("best", "best.ckpt"), ("last.ckpt", "last.ckpt"),
+                            ("best-v1.ckpt", "best-v1.ckpt"), ("best-v1", "best-v1.ckpt")]:
+        assert rundir.checkpoint_path(run, given) == folder / expected
+    assert rundir.checkpoint_path(run) == folder / "final.ckpt"  # infer's and the API's default
+    assert rundir.checkpoint_path(run, None, default=rundir.PREDICT_CHECKPOINT) == folder / "last.ckpt"
+    elsewhere = tmp_path / "other" / "model.ckpt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    assert rundir.checkpoint_path(run, elsewhere) == elsewhere
+    monkeypatch.chdir(elsewhere.parent)
+    assert rundir.checkpoint_path(run, "model.ckpt") == Path("model.ckpt")  # a bare file name in the cwd
+    with pytest.raises(StateError, match=r"checkpoint not found: .*other.gone.ckpt \(available in .*run.checkpoints: "
+                       r"best-v1.ckpt, best.ckpt, final.ckpt, last.ckpt\)"):
+        rundir.checkpoint_path(run, elsewhere.parent / "gone.ckpt")
 
 
 def test_arc_state_run_dir_loads_without_twins():

@@ -6,33 +6,82 @@ Each engine module is imported inside its handler so that ``state --help`` stays
 from __future__ import annotations
 
 import argparse
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def fit(args: argparse.Namespace) -> int:
-    from state.emb.fit import fit_cli
+    from omegaconf import OmegaConf
 
-    return fit_cli(args)
+    from state.emb.config import check_emb_config, compose_emb_config
+
+    cfg = compose_emb_config(args.conf, list(args.hydra_overrides or []))
+    check_emb_config(cfg, for_fit=True)
+    log.info("SE training config:\n%s", OmegaConf.to_yaml(cfg))
+    from state.emb.fit import fit as run_fit
+
+    run_fit(cfg)
+    return 0
 
 
 def transform(args: argparse.Namespace) -> int:
-    from state.emb.transform import transform_cli
+    from state.emb.transform import transform as run_transform
 
-    return transform_cli(args)
+    if args.lancedb_update:
+        log.debug("--lancedb-update: the table is always appended to")
+    run_transform(
+        args.input, output=args.output, lancedb=args.lancedb, model_folder=args.model_folder,
+        checkpoint=args.checkpoint, config=args.config, embed_key=args.embed_key,
+        protein_embeddings=args.protein_embeddings, batch_size=args.batch_size,
+        gene_column=args.gene_column, seed=args.seed, lancedb_batch_size=args.lancedb_batch_size,
+    )
+    return 0
 
 
 def query(args: argparse.Namespace) -> int:
-    from state.emb.vectordb import query_cli
+    from state.emb.vectordb import query as run_query
 
-    return query_cli(args)
+    run_query(args.lancedb, args.input, args.output, k=args.k, embed_key=args.embed_key,
+              exclude_distances=args.exclude_distances, filter=args.filter, batch_size=args.batch_size)
+    return 0
 
 
 def preprocess(args: argparse.Namespace) -> int:
-    from state.emb.preprocess import preprocess_cli
+    from state.emb.preprocess import preprocess as run_preprocess
 
-    return preprocess_cli(args)
+    run_preprocess(
+        profile_name=args.profile_name,
+        train_csv=args.train_csv,
+        val_csv=args.val_csv,
+        output_dir=args.output_dir,
+        config_file=args.config_file,
+        all_embeddings=args.all_embeddings,
+        num_threads=args.num_threads,
+    )
+    return 0
+
+
+def _mean_sem(values) -> str:
+    values = np.asarray(list(values), dtype=float)
+    if values.size == 0:
+        return "n/a (no perturbation with both DE and non-DE genes)"
+    sem = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
+    return f"{values.mean():.4f} ± {sem:.4f} (n={values.size})"
 
 
 def eval_(args: argparse.Namespace) -> int:
-    from state.emb.evaluate import eval_cli
+    from state.emb.evaluate import evaluate
 
-    return eval_cli(args)
+    result = evaluate(
+        args.adata, checkpoint=args.checkpoint, config=args.config, pert_col=args.pert_col,
+        control_pert=args.control_pert, gene_column=args.gene_column, batch_size=args.batch_size,
+        protein_embeddings=args.protein_embeddings,
+    )
+    # the command's result, so stdout
+    print(f"Mean top-{result.top_k} DE overlap: {result.mean_overlap:.4f} over {len(result.overlaps)} perturbations")
+    print(f"ROC AUC: {_mean_sem(result.roc_auc.values())}")
+    print(f"PR AUC: {_mean_sem(result.pr_auc.values())}")
+    return 0

@@ -38,7 +38,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
                    help="run directory that holds config.yaml; results go under it")
     p.add_argument("--toml", default=None, help="alternate TOML data config to evaluate on")
-    p.add_argument("--checkpoint", default="last.ckpt", help="checkpoint file name in <run>/checkpoints/")
+    p.add_argument("--checkpoint", default="last.ckpt",
+                   help="checkpoint: final, best, last (.ckpt optional), another file name in <run>/checkpoints/ "
+                   "or a path to a .ckpt")
     p.add_argument("--test-time-finetune", "--test_time_finetune", dest="test_time_finetune", type=int, default=0,
                    help="epochs of fine-tuning on control-only batches before predicting")
     p.add_argument("--profile", default="full", choices=["full", "minimal", "de", "anndata", "vcc"],
@@ -53,7 +55,9 @@ def _add_predict(sub) -> None:
 
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="simulate perturbations on the cells of an h5ad")
-    p.add_argument("--checkpoint", default=None, help="path to a .ckpt (default <model-dir>/checkpoints/final.ckpt)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint: final, best, last (.ckpt optional), a file name in <model-dir>/checkpoints/ "
+                   "or a path to a .ckpt (default <model-dir>/checkpoints/final.ckpt)")
     p.add_argument("--adata", required=True, help="input h5ad")
     p.add_argument("--embed-key", "--embed_key", dest="embed_key", default=None,
                    help="obsm key of the input features (default: .X)")

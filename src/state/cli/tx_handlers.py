@@ -29,17 +29,54 @@ def train(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from state.tx.predict.run import predict_cli
+    from state.tx.predict.run import predict as run_predict
 
-    return predict_cli(args)
+    result = run_predict(
+        args.output_dir,
+        toml=args.toml,
+        checkpoint=args.checkpoint,
+        test_time_finetune=args.test_time_finetune,
+        profile=args.profile,
+        predict_only=args.predict_only,
+        skip_adatas=args.skip_adatas,
+        shared_only=args.shared_only,
+        eval_train_data=args.eval_train_data,
+        pseudobulk=args.pseudobulk,
+    )
+    if result.metrics:
+        from state.tx.predict.evaluate import format_summary
+
+        print(format_summary(result.metrics))  # the command's result, so stdout
+    log.info("results in %s", result.eval_dir)
+    return 0
 
 
 def infer(args: argparse.Namespace) -> int:
-    from state.tx.infer.simulate import infer_cli
+    from state.io.columns import ColumnChoices
+    from state.tx.infer.edits import InputEdits
+    from state.tx.infer.run import run_infer
     from state.utils.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # this process only infers: keep freed activation blocks for the next batch
-    return infer_cli(args)
+    columns = ColumnChoices(pert_col=args.pert_col, control_pert=args.control_pert, celltype_col=args.celltype_col,
+                            batch_col=args.batch_col, embed_key=args.embed_key)
+    edits = InputEdits(tsv=args.tsv, celltypes=args.celltypes, all_perts=args.all_perts,
+                       virtual_cells_per_pert=args.virtual_cells_per_pert, min_cells=args.min_cells,
+                       max_cells=args.max_cells)
+    output = run_infer(
+        model_dir=args.model_dir,
+        adata_path=args.adata,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        columns=columns,
+        edits=edits,
+        seed=args.seed,
+        max_set_len=args.max_set_len,
+        quiet=args.quiet,
+        unknown_as_control=args.unknown_as_control,
+    )
+    log.info("wrote %s", output)
+    return 0
 
 
 def preprocess_train(args: argparse.Namespace) -> int:
@@ -65,6 +102,8 @@ def preprocess_infer(args: argparse.Namespace) -> int:
 
 
 def stats(args: argparse.Namespace) -> int:
-    from state.tx.stats import stats_cli
+    from state.tx.stats import run_stats
 
-    return stats_cli(args)
+    run_stats(args.adata, args.output_dir, pert_col=args.pert_col, control_pert=args.control_pert,
+              celltype_col=args.celltype_col, top_n=args.top_n)
+    return 0

@@ -7,7 +7,6 @@ mean top-k overlap and per-perturbation ROC / PR AUC; writes no files. Runs on C
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 
@@ -99,7 +98,7 @@ def evaluate(
 
     from state.emb.checkpoint import load_se_model
     from state.emb.tokenize import _overlap, map_genes
-    from state.emb.transform import open_h5ad
+    from state.io.h5ad import open_h5ad
 
     open_h5ad(adata_path).close()  # one-line errors for missing / non-h5ad input
     adata = anndata.read_h5ad(adata_path)
@@ -141,23 +140,3 @@ def evaluate(
             pr[pert] = float(average_precision_score(y, effect))
     mean_overlap = float(np.mean(list(overlaps.values()))) if overlaps else float("nan")
     return EvalResult(overlaps=overlaps, mean_overlap=mean_overlap, roc_auc=roc, pr_auc=pr, top_k=top_k)
-
-
-def _mean_sem(values) -> str:
-    values = np.asarray(list(values), dtype=float)
-    if values.size == 0:
-        return "n/a (no perturbation with both DE and non-DE genes)"
-    sem = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
-    return f"{values.mean():.4f} ± {sem:.4f} (n={values.size})"
-
-
-def eval_cli(args: argparse.Namespace) -> int:
-    result = evaluate(
-        args.adata, checkpoint=args.checkpoint, config=args.config, pert_col=args.pert_col,
-        control_pert=args.control_pert, gene_column=args.gene_column, batch_size=args.batch_size,
-        protein_embeddings=args.protein_embeddings,
-    )
-    print(f"Mean top-{result.top_k} DE overlap: {result.mean_overlap:.4f} over {len(result.overlaps)} perturbations")
-    print(f"ROC AUC: {_mean_sem(result.roc_auc.values())}")
-    print(f"PR AUC: {_mean_sem(result.pr_auc.values())}")
-    return 0

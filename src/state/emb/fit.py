@@ -10,7 +10,6 @@ exists, and ``<checkpoint.path>/<run_name>_final.pt`` is written at the end.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -25,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from state.emb.data.datamodule import SEDataModule
 from state.emb.data.profile import dataset_profile, embedding_profile, load_training_profile
@@ -45,16 +44,6 @@ class FitResult:
     final_checkpoint: Path | None
     global_step: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def fit_cli(args: argparse.Namespace) -> int:
-    from state.emb.config import check_emb_config, compose_emb_config
-
-    cfg = compose_emb_config(args.conf, list(args.hydra_overrides or []))
-    check_emb_config(cfg, for_fit=True)
-    log.info("SE training config:\n%s", OmegaConf.to_yaml(cfg))
-    fit(cfg)
-    return 0
 
 
 def run_name(cfg) -> str:

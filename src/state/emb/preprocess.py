@@ -10,7 +10,6 @@ atomically; h5ad files are only read (headers and var, never X).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,19 +39,6 @@ class ScannedDataset:
     num_cells: int
     num_genes: int
     genes: list[str]  # upper-cased, X column order
-
-
-def preprocess_cli(args: argparse.Namespace) -> int:
-    preprocess(
-        profile_name=args.profile_name,
-        train_csv=args.train_csv,
-        val_csv=args.val_csv,
-        output_dir=args.output_dir,
-        config_file=args.config_file,
-        all_embeddings=args.all_embeddings,
-        num_threads=args.num_threads,
-    )
-    return 0
 
 
 def preprocess(

@@ -8,7 +8,6 @@ Outputs appear atomically: on any error nothing is left at the output path.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -19,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
+from state.io.h5ad import open_h5ad, read_obs, read_var
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -31,35 +30,6 @@ DEFAULT_CHUNK_ROWS = 8192
 
 
 # ---------------------------------------------------------------------------------------------- input
-def open_h5ad(path: str | os.PathLike):
-    """Open an h5ad read-only with h5py, with one-line errors for missing / non-HDF5 files."""
-    import h5py
-
-    from state.io.anndata_checks import check_h5ad_path
-
-    return h5py.File(check_h5ad_path(path, flag="--input"), "r")
-
-
-def _read_elem(node):
-    try:
-        from anndata.io import read_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import read_elem
-    return read_elem(node)
-
-
-def read_obs(handle) -> pd.DataFrame:
-    if "obs" not in handle:
-        raise StateError(f"{handle.filename} has no obs", hint="write the file with anndata")
-    return _read_elem(handle["obs"])
-
-
-def read_var(handle) -> pd.DataFrame:
-    if "var" not in handle:
-        raise StateError(f"{handle.filename} has no var", hint="write the file with anndata")
-    return _read_elem(handle["var"])
-
-
 class RowReader:
     """Reads row blocks of ``X`` from an open h5ad without loading the whole matrix."""
 
@@ -244,15 +214,3 @@ def transform(
     outputs = [str(p) for p in (output, lancedb) if p is not None]
     log.info("embedded %d cells (width %d) -> %s", shape[0], shape[1], ", ".join(outputs))
     return TransformResult(n_cells=shape[0], width=shape[1], outputs=outputs)
-
-
-def transform_cli(args: argparse.Namespace) -> int:
-    if args.lancedb_update:
-        log.debug("--lancedb-update: the table is always appended to")
-    transform(
-        args.input, output=args.output, lancedb=args.lancedb, model_folder=args.model_folder,
-        checkpoint=args.checkpoint, config=args.config, embed_key=args.embed_key,
-        protein_embeddings=args.protein_embeddings, batch_size=args.batch_size,
-        gene_column=args.gene_column, seed=args.seed, lancedb_batch_size=args.lancedb_batch_size,
-    )
-    return 0

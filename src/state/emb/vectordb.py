@@ -8,7 +8,6 @@ Queries run as batched vector searches (one LanceDB call per ``--batch-size`` qu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from state.io.atomic import atomic_path
+from state.io.h5ad import open_h5ad, read_obs
 from state.utils.errors import StateError
 from state.utils.progress import progress
 
@@ -168,8 +168,6 @@ def _query_vectors(path: Path, embed_key: str) -> tuple[pd.Index, object]:
     """obs names and the (lazily read) h5py dataset of obsm[embed_key]."""
     import h5py
 
-    from state.emb.transform import open_h5ad, read_obs
-
     handle = open_h5ad(path)
     obsm = handle.get("obsm")
     if obsm is None or embed_key not in obsm:
@@ -269,9 +267,3 @@ class _TableWriter:
             self.write(pd.DataFrame(columns=self.columns), allow_empty=True)
         if self._parquet is not None:
             self._parquet.close()
-
-
-def query_cli(args: argparse.Namespace) -> int:
-    query(args.lancedb, args.input, args.output, k=args.k, embed_key=args.embed_key,
-          exclude_distances=args.exclude_distances, filter=args.filter, batch_size=args.batch_size)
-    return 0

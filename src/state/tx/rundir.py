@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 from collections.abc import Mapping
@@ -186,32 +187,64 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def read_var_dims(run_dir: str | Path) -> dict[str, Any]:
-    """var_dims as plain Python values (ints, lists of str)."""
-    run_dir = Path(run_dir)
+def read_data_module_state(run_dir: str | Path) -> dict[str, Any]:
+    """The keyword arguments of the data module saved in ``data_module.torch`` (read safely)."""
+    path = Path(run_dir) / DATA_MODULE_FILE
+    if not path.is_file():
+        raise StateError(f"{path} not found", hint="pass a run directory written by `state tx train`")
+    state = safe_torch_load(path, what="data module state")
+    if not isinstance(state, Mapping):
+        raise StateError(f"{path} does not hold the data module's settings", hint="re-create the run directory")
+    return dict(state)
+
+
+def stored_run_dir(given: str | Path, cfg: Mapping[str, Any]) -> Path:
+    """Where a run's data module and checkpoints live, as arc-state's ``predict`` finds them.
+
+    arc-state reopens ``cfg.output_dir/cfg.name``; when that is gone (the run was moved) the
+    folder given on the command line is the run.
+    """
+    stored = Path(str(cfg.get("output_dir", ""))) / str(cfg.get("name", ""))
+    if (stored / DATA_MODULE_FILE).is_file() and (stored / CHECKPOINT_DIR).is_dir():
+        return stored
+    return Path(given)
+
+
+def _pickled_var_dims(run_dir: Path) -> dict[str, Any] | None:
+    """arc-state's ``var_dims.pkl`` as plain Python values, or None when the run has none."""
     pkl = run_dir / VAR_DIMS_FILE
-    if pkl.is_file():
-        raw = safe_pickle_load(pkl, what="var_dims.pkl")
-        if not isinstance(raw, dict):
-            raise StateError(f"{pkl} does not hold a dict", hint="re-create the run directory")
-        return {k: _plain(v) for k, v in raw.items()}
+    if not pkl.is_file():
+        return None
+    raw = safe_pickle_load(pkl, what="var_dims.pkl")
+    if not isinstance(raw, dict):
+        raise StateError(f"{pkl} does not hold a dict", hint="re-create the run directory")
+    return {k: _plain(v) for k, v in raw.items()}
+
+
+def read_var_dims(run_dir: str | Path) -> dict[str, Any]:
+    """var_dims as plain Python values (ints, lists of str): our JSON twin first, else arc-state's pickle."""
+    run_dir = Path(run_dir)
     twin = run_dir / VAR_DIMS_JSON
     if twin.is_file():
         dims = json.loads(twin.read_text())
+        if not isinstance(dims, dict):
+            raise StateError(f"{twin} should hold a JSON object", hint="re-create the run directory")
         dims["gene_names"] = read_genes(run_dir)
-        pert_names = read_vocab(run_dir, "perturbation")
-        dims["pert_names"] = pert_names or []
+        dims["pert_names"] = read_vocab(run_dir, "perturbation") or []
         return dims
-    raise StateError(f"{pkl} not found", hint="pass a run directory written by `state tx train`")
+    pickled = _pickled_var_dims(run_dir)
+    if pickled is None:
+        raise StateError(f"{run_dir / VAR_DIMS_FILE} not found", hint="pass a run directory written by `state tx train`")
+    return pickled
 
 
 def read_genes(run_dir: str | Path) -> list[str]:
+    """The output gene order: ``vocab/genes.tsv``, else var_dims.pkl's ``gene_names``, else []."""
     path = Path(run_dir) / VOCAB_DIR / GENES_FILE
     if path.is_file():
         return [line for line in path.read_text().splitlines()[1:] if line]
-    if (Path(run_dir) / VAR_DIMS_FILE).is_file():
-        return list(read_var_dims(run_dir).get("gene_names") or [])
-    return []
+    pickled = _pickled_var_dims(Path(run_dir))
+    return [str(g) for g in (pickled or {}).get("gene_names") or []]
 
 
 def read_vocab(run_dir: str | Path, kind: str) -> list[str] | None:
@@ -249,13 +282,36 @@ def read_map(run_dir: str | Path, kind: str) -> dict[str, Any] | None:
     return {str(k): torch.as_tensor(v, dtype=torch.float32) for k, v in raw.items()}
 
 
-def checkpoint_path(run_dir: str | Path, name: str = "final.ckpt") -> Path:
-    path = Path(run_dir) / CHECKPOINT_DIR / name
-    if not path.is_file():
-        present = sorted(p.name for p in (Path(run_dir) / CHECKPOINT_DIR).glob("*.ckpt"))
-        raise StateError(f"checkpoint {path} not found; present: {', '.join(present) or 'none'}",
-                         hint="pass one of the present checkpoint names")
-    return path
+# The checkpoint a command reads when none is named (arc-state 0.11.1, tx_spec sections 1.3, 1.4).
+PREDICT_CHECKPOINT = "last.ckpt"
+INFER_CHECKPOINT = "final.ckpt"  # also the Python API's (api.load_run)
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str | os.PathLike | None = None, *,
+                    default: str = INFER_CHECKPOINT) -> Path:
+    """The checkpoint file a command reads from ``run_dir``: the one rule for every command.
+
+    ``checkpoint`` is None (the command's ``default``), a name in ``<run_dir>/checkpoints/`` with or
+    without ``.ckpt`` (``final``, ``best``, ``last``, ``best-v1.ckpt``), or a path to a ``.ckpt``.
+    A bare name is looked up in the run first, then in the working directory (infer's
+    ``--checkpoint`` has always taken paths). One-line error listing the run's checkpoints.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    given = Path(os.fspath(checkpoint if checkpoint is not None else default))
+    if len(given.parts) == 1 and not given.is_absolute():
+        in_run = [folder / given.name] if given.suffix == ".ckpt" else [folder / f"{given.name}.ckpt",
+                                                                         folder / given.name]
+        candidates = [*in_run, given]
+    else:
+        candidates = [given]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        return found
+    present = ", ".join(sorted(p.name for p in folder.glob("*.ckpt"))) if folder.is_dir() else ""
+    where = "" if candidates[0].parent == folder else f" in {folder}"
+    raise StateError(f"checkpoint not found: {candidates[0]} (available{where}: {present or 'none'})",
+                     hint="name one of the available checkpoints (final, best, last; .ckpt optional) "
+                     "or give the path to a .ckpt file")
 
 
 @dataclass
@@ -295,23 +351,4 @@ def load_run_dir(run_dir: str | Path) -> RunDirContents:
         pert_map=pert_map,
         cell_type_map=read_map(run_dir, "cell_type"),
         batch_map=read_map(run_dir, "batch"),
-    )
-
-
-def load_run_artifacts(run_dir: str | Path) -> RunDirContents:
-    """Like :func:`load_run_dir`, but a missing ``config.yaml`` gives ``config=None`` (``infer`` can do without)."""
-    run_dir = Path(run_dir)
-    if (run_dir / CONFIG_FILE).is_file():
-        return load_run_dir(run_dir)
-    if not run_dir.is_dir():
-        raise StateError(f"run directory {run_dir} not found", hint="pass the folder written by `state tx train`")
-    pert_map = read_map(run_dir, "perturbation")
-    if pert_map is None:
-        raise StateError(f"{run_dir / MAP_FILES['perturbation'][0]} not found", hint="re-create the run directory")
-    return RunDirContents(
-        path=run_dir, config=None, var_dims=read_var_dims(run_dir),
-        perturbations=read_vocab(run_dir, "perturbation") or list(pert_map),
-        cell_types=read_vocab(run_dir, "cell_type"), batches=read_vocab(run_dir, "batch"),
-        genes=read_genes(run_dir), pert_map=pert_map,
-        cell_type_map=read_map(run_dir, "cell_type"), batch_map=read_map(run_dir, "batch"),
     )

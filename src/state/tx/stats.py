@@ -15,7 +15,6 @@ product. Tables go to CSV, figures to PNG (matplotlib, Agg backend), all written
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -343,9 +342,3 @@ def run_stats(
     log.info("%d perturbations, %d genes: wrote %d files to %s", len(result.summary), len(result.gene_stats),
              len(result.files), out)
     return result
-
-
-def stats_cli(args: argparse.Namespace) -> int:
-    run_stats(args.adata, args.output_dir, pert_col=args.pert_col, control_pert=args.control_pert,
-              celltype_col=args.celltype_col, top_n=args.top_n)
-    return 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from state.io.columns import InputColumns
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -158,3 +160,32 @@ def cap_max_cells(adata: ad.AnnData, max_cells: int, *, pert_col: str, control: 
             drop = np.setdiff1d(rows, rng.choice(rows, size=max_cells, replace=False))
             keep[drop] = False
     return adata if keep.all() else adata[keep].copy()
+
+
+@dataclass(frozen=True)
+class InputEdits:
+    """The edit options of ``state tx infer`` (None / False: that edit is skipped)."""
+
+    tsv: str | Path | None = None
+    celltypes: str | None = None
+    all_perts: bool = False
+    virtual_cells_per_pert: int | None = None
+    min_cells: int | None = None
+    max_cells: int | None = None
+
+
+def apply_edits(adata: ad.AnnData, edits: InputEdits, columns: InputColumns, *, pert_names: list[str],
+                seed: int) -> ad.AnnData:
+    """Apply the requested edits in arc-state's order: TSV, cell types, all perts, min, max."""
+    roles = {"pert_col": columns.pert_col, "control": columns.control, "seed": seed}
+    if edits.tsv is not None:
+        adata = pad_from_tsv(adata, read_tsv_requests(edits.tsv), **roles)
+    if edits.celltypes:
+        adata = keep_celltypes(adata, edits.celltypes, celltype_col=columns.celltype_col)
+    if edits.all_perts:
+        adata = add_all_perts(adata, pert_names, virtual_cells_per_pert=edits.virtual_cells_per_pert, **roles)
+    if edits.min_cells is not None:
+        adata = pad_min_cells(adata, edits.min_cells, **roles)
+    if edits.max_cells is not None:
+        adata = cap_max_cells(adata, edits.max_cells, **roles)
+    return adata

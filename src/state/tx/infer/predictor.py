@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from state.io.columns import RunColumns
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 
@@ -33,6 +34,7 @@ class SetPredictor:
     input_dim: int | None
     model_embed_key: str | None
     genes: list[str] | None = None  # the model's input gene order, when its input is .X
+    checkpoint: Path | None = None  # the file the module was loaded from
     _batch_lookup: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,6 +44,12 @@ class SetPredictor:
     @property
     def pert_names(self) -> list[str]:
         return list(self.pert_map)
+
+    @property
+    def run_columns(self) -> RunColumns:
+        """The roles the run remembers, for :func:`state.io.columns.resolve_columns`."""
+        return RunColumns(control_pert=self.control_pert, cell_type_key=self.cell_type_key,
+                          batch_col=self.batch_col, needs_batch=self.uses_batch)
 
     @property
     def uses_batch(self) -> bool:
@@ -133,23 +141,20 @@ class SetPredictor:
 
 
 def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) -> SetPredictor:
-    """Load a run directory (ours or arc-state's) and a checkpoint for inference."""
+    """Load a run directory (ours or arc-state's) and a checkpoint for inference.
+
+    ``checkpoint``: None (``final.ckpt``), a name in the run (``best``, ``last.ckpt``) or a path;
+    see :func:`state.tx.rundir.checkpoint_path`.
+    """
     from state.tx.models.registry import load_inference_module
-    from state.tx.rundir import load_run_dir, refuse_se_folder
+    from state.tx.rundir import INFER_CHECKPOINT, checkpoint_path, load_run_dir, refuse_se_folder
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise StateError(f"--model-dir {model_dir} is not a folder", hint="pass the run directory written by train")
     refuse_se_folder(model_dir)
     run = load_run_dir(model_dir)
-    ckpt = Path(checkpoint) if checkpoint else model_dir / "checkpoints" / "final.ckpt"
-    if not ckpt.is_file():
-        available = sorted(p.name for p in (model_dir / "checkpoints").glob("*.ckpt")) if (
-            model_dir / "checkpoints").is_dir() else []
-        raise StateError(
-            f"checkpoint not found: {ckpt}" + (f" (available: {', '.join(available)})" if available else ""),
-            hint="pass --checkpoint with the path to a .ckpt",
-        )
+    ckpt = checkpoint_path(model_dir, checkpoint, default=INFER_CHECKPOINT)
     module = load_inference_module(ckpt, model_name=((run.config or {}).get("model") or {}).get("name"))
     module.to(inference_device())
     module.eval()
@@ -168,4 +173,5 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
         input_dim=int(hp["input_dim"]) if hp.get("input_dim") is not None else None,
         model_embed_key=hp.get("embed_key") or data_kwargs.get("embed_key"),
         genes=[str(g) for g in run.genes] or None,
+        checkpoint=ckpt,
     )

@@ -10,35 +10,30 @@ import numpy as np
 import pandas as pd
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
+from state.io.columns import ColumnChoices, InputColumns, resolve_columns
 from state.tx.infer import edits as infer_edits
-from state.tx.infer.simulate import (
-    BATCH_CANDIDATES,
-    CELLTYPE_CANDIDATES,
-    CLIP_MAX,
-    SimulationResult,
-    default_output_path,
-    detect_column,
-    feature_reader,
-    plan_windows,
-    simulate,
-)
+from state.tx.infer.edits import InputEdits
+from state.tx.infer.simulate import CLIP_MAX, SimulationResult, feature_reader, plan_windows, simulate
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
 
 
-def _read_input(path: str | Path) -> ad.AnnData:
-    from state.io.anndata_checks import read_h5ad_checked
+def default_output_path(adata_path: str | Path) -> Path:
+    """``<input>_simulated.h5ad`` next to the input (arc-state's default)."""
+    path = Path(adata_path)
+    name = path.name[: -len(".h5ad")] if path.name.endswith(".h5ad") else path.name
+    return path.with_name(f"{name}_simulated.h5ad")
 
-    return read_h5ad_checked(path)
 
-
-def resolve_control(control_pert: str | None, run_control: str | None, pert_col: str) -> str:
-    if control_pert is not None:
-        return str(control_pert)
-    if run_control:
-        return str(run_control)
-    return "[('DMSO_TF', 0.0, 'uM')]" if pert_col == "drugname_drugconc" else "non-targeting"
+def _checked_output(output: str | Path | None, adata_path: str | Path) -> Path:
+    output = Path(output) if output is not None else default_output_path(adata_path)
+    if output.suffix.lower() not in (".h5ad", ".npy"):
+        raise StateError(f"--output {output} must end in .h5ad or .npy")
+    if output.resolve() == Path(adata_path).resolve():
+        raise StateError(f"--output {output} is the input file", hint="choose a different output path")
+    ensure_parent_writable(output)
+    return output
 
 
 def write_predictions(
@@ -85,64 +80,30 @@ def run_infer(
     adata_path: str | Path,
     output: str | Path | None = None,
     checkpoint: str | Path | None = None,
-    embed_key: str | None = None,
-    pert_col: str = "drugname_drugconc",
-    celltype_col: str | None = None,
-    celltypes: str | None = None,
-    batch_col: str | None = None,
-    control_pert: str | None = None,
+    columns: ColumnChoices | None = None,
+    edits: InputEdits | None = None,
     seed: int = 42,
     max_set_len: int | None = None,
     quiet: bool = False,
-    tsv: str | Path | None = None,
-    all_perts: bool = False,
-    virtual_cells_per_pert: int | None = None,
-    min_cells: int | None = None,
-    max_cells: int | None = None,
     unknown_as_control: bool = False,
 ) -> Path:
+    """``state tx infer``: simulate every cell of ``adata_path`` with a run's checkpoint; returns the output path.
+
+    ``columns`` default to the command's (``--pert-col drugname_drugconc``, auto-detected cell
+    types, .X features); ``edits`` to none.
+    """
+    from state.io.anndata_checks import read_h5ad_checked
     from state.tx.infer.predictor import load_predictor
-    output = Path(output) if output is not None else default_output_path(adata_path)
-    if output.suffix.lower() not in (".h5ad", ".npy"):
-        raise StateError(f"--output {output} must end in .h5ad or .npy")
-    if output.resolve() == Path(adata_path).resolve():
-        raise StateError(f"--output {output} is the input file", hint="choose a different output path")
-    ensure_parent_writable(output)
+
+    output = _checked_output(output, adata_path)
     predictor = load_predictor(model_dir, checkpoint)
-    adata = _read_input(adata_path)
-    if pert_col not in adata.obs.columns:
-        raise StateError(
-            f"--pert-col '{pert_col}' is not an obs column of {adata_path} "
-            f"(columns: {', '.join(map(str, adata.obs.columns))})",
-            hint="pass --pert-col naming the perturbation column",
-        )
-    control = resolve_control(control_pert, predictor.control_pert, pert_col)
-    ct_col = detect_column(adata, celltype_col, (predictor.cell_type_key, *CELLTYPE_CANDIDATES), flag="--celltype-col")
-
-    if tsv is not None:
-        adata = infer_edits.pad_from_tsv(adata, infer_edits.read_tsv_requests(tsv), pert_col=pert_col,
-                                         control=control, seed=seed)
-    if celltypes:
-        adata = infer_edits.keep_celltypes(adata, celltypes, celltype_col=ct_col)
-    if all_perts:
-        adata = infer_edits.add_all_perts(adata, predictor.pert_names, pert_col=pert_col, control=control,
-                                          seed=seed, virtual_cells_per_pert=virtual_cells_per_pert)
-    if min_cells is not None:
-        adata = infer_edits.pad_min_cells(adata, min_cells, pert_col=pert_col, control=control, seed=seed)
-    if max_cells is not None:
-        adata = infer_edits.cap_max_cells(adata, max_cells, pert_col=pert_col, control=control, seed=seed)
-
-    labels = adata.obs[pert_col].astype(str).to_numpy()
-    if not (labels == control).any():
-        present = ", ".join(sorted(set(labels))[:8])
-        raise StateError(
-            f"control label '{control}' not found in obs['{pert_col}'] of {adata_path} (present: {present})",
-            hint="pass --control-pert with your data's control label",
-        )
-    result = simulate_anndata(predictor, adata, pert_col=pert_col, control=control, embed_key=embed_key,
-                              celltype_col=ct_col, batch_col=batch_col, seed=seed, max_set_len=max_set_len,
-                              quiet=quiet, unknown_as_control=unknown_as_control, flag_prefix="--")
-
+    adata = read_h5ad_checked(adata_path)
+    roles = resolve_columns(adata, columns or ColumnChoices(), predictor.run_columns, cli=True,
+                            source=str(adata_path))
+    adata = infer_edits.apply_edits(adata, edits or InputEdits(), roles, pert_names=predictor.pert_names, seed=seed)
+    roles.require_controls(adata, source=str(adata_path))
+    result = simulate_anndata(predictor, adata, roles, seed=seed, max_set_len=max_set_len, quiet=quiet,
+                              unknown_as_control=unknown_as_control)
     if output.suffix.lower() == ".npy":
         main = result.preds  # float32, clipped in place: no output-sized copies
         if predictor.output_space in ("gene", "all"):
@@ -150,7 +111,7 @@ def run_infer(
         with atomic_path(output) as tmp:
             np.save(tmp, main.astype(np.float32, copy=False))
         return output
-    adata = write_predictions(adata, result.preds, result.counts, embed_key=embed_key,
+    adata = write_predictions(adata, result.preds, result.counts, embed_key=roles.embed_key,
                               output_space=predictor.output_space)
     atomic_write_h5ad(adata, output)
     return output
@@ -159,56 +120,45 @@ def run_infer(
 def simulate_anndata(
     predictor,
     adata: ad.AnnData,
+    columns: InputColumns,
     *,
-    pert_col: str,
-    control: str,
-    embed_key: str | None,
-    celltype_col: str | None,
-    batch_col: str | None,
     seed: int,
     max_set_len: int | None,
     quiet: bool = False,
     unknown_as_control: bool = False,
-    flag_prefix: str = "",
 ) -> SimulationResult:
     """Simulate every row of an in-memory AnnData (the core of ``state tx infer`` and ``api``).
 
-    ``celltype_col`` None means one group; ``flag_prefix`` only shapes error messages
-    (``--batch-col`` for the CLI, ``batch_col`` for the API).
+    ``columns`` are the input's resolved roles (:func:`state.io.columns.resolve_columns`).
     """
-    labels = adata.obs[pert_col].astype(str).to_numpy()
-    groups = (adata.obs[celltype_col].astype(str).to_numpy() if celltype_col
+    labels = columns.labels(adata)
+    groups = (adata.obs[columns.celltype_col].astype(str).to_numpy() if columns.celltype_col
               else np.full(adata.n_obs, "all", dtype=object))
     batch_index = None
     if predictor.uses_batch:
-        flag = f"{flag_prefix}batch-col" if flag_prefix else "batch_col"
-        b_col = detect_column(adata, batch_col, (predictor.batch_col, *BATCH_CANDIDATES), flag=flag)
-        if b_col is None:
-            raise StateError("this model has a batch encoder but the input has no batch column",
-                             hint=f"pass {flag} naming the obs column with batch labels")
-        batch_index = predictor.batch_indices(adata.obs[b_col].astype(str).to_numpy())
-    if embed_key is None:
+        batch_index = predictor.batch_indices(adata.obs[columns.batch_col].astype(str).to_numpy())
+    if columns.embed_key is None:
         adata = predictor.align_genes(adata)
-    read, width = feature_reader(adata, embed_key)
-    predictor.check_input_width(width, embed_key=embed_key)
-    check_labels(labels, groups, predictor, control=control, unknown_as_control=unknown_as_control,
-                 flag_prefix=flag_prefix)
+    read, width = feature_reader(adata, columns.embed_key)
+    predictor.check_input_width(width, embed_key=columns.embed_key)
+    check_labels(labels, groups, predictor, columns, unknown_as_control=unknown_as_control)
     set_len = int(max_set_len or predictor.cell_set_len)
-    windows, skipped = plan_windows(labels, groups, control=control, set_len=set_len, seed=seed)
+    windows, skipped = plan_windows(labels, groups, control=columns.control, set_len=set_len, seed=seed)
     if skipped:
         log.warning("no control cells at all: rows of %s left unchanged", ", ".join(skipped))
     result = simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
                       batch_index=batch_index, cell_types=groups, quiet=quiet)
-    result.preds = keep_unpredicted(result.preds, result.done, adata, embed_key)
+    result.preds = keep_unpredicted(result.preds, result.done, adata, columns.embed_key)
     return result
 
 
-def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: str, unknown_as_control: bool,
-                 flag_prefix: str = "") -> None:
+def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, columns: InputColumns, *,
+                 unknown_as_control: bool) -> None:
     """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
+    control = columns.control
     unknown = sorted(set(pd.unique(labels)) - set(predictor.pert_names) - {control})
     if unknown and not unknown_as_control:
-        flag = f"{flag_prefix}unknown-as-control" if flag_prefix else "unknown_as_control=True"
+        flag = columns.flag("unknown_as_control") + ("" if columns.cli else "=True")
         raise StateError(
             f"{len(unknown)} perturbation(s) in the input are unknown to the model: {', '.join(unknown[:10])}"
             + (", ..." if len(unknown) > 10 else ""),
@@ -222,7 +172,7 @@ def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, *, control: 
     has_control = np.bincount(group_codes[is_control], minlength=len(group_names)) > 0
     lacking = [str(g) for g in group_names[~has_control]]
     if lacking and is_control.any():
-        flag = f"{flag_prefix}celltypes" if flag_prefix else "celltypes"
+        flag = columns.flag("celltypes")
         raise StateError(
             f"no control cells ('{control}') in cell type(s) {', '.join(lacking[:10])}: their basal cells "
             "would come from other cell types",

@@ -16,12 +16,10 @@ Only the input, the output matrices and one batch of windows are held in memory.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -35,8 +33,6 @@ from state.utils.progress import progress
 log = logging.getLogger(__name__)
 
 CLIP_MAX = 14.0
-CELLTYPE_CANDIDATES = ("cell_type", "celltype", "cellType", "ctype", "celltype_col")
-BATCH_CANDIDATES = ("gem_group", "gemgroup", "batch", "donor", "plate", "experiment", "lane", "batch_id")
 
 
 @dataclass(frozen=True)
@@ -170,49 +166,3 @@ def simulate(
     if preds is None:
         preds = np.full((n_cells, 0), np.nan, dtype=np.float32)
     return SimulationResult(preds=preds, counts=counts, done=done)
-
-
-def detect_column(adata: ad.AnnData, explicit: str | None, candidates: tuple[str, ...], *, flag: str) -> str | None:
-    if explicit is not None:
-        if explicit not in adata.obs.columns:
-            raise StateError(
-                f"{flag} '{explicit}' is not an obs column of the input "
-                f"(columns: {', '.join(map(str, adata.obs.columns))})",
-                hint=f"pass {flag} naming an existing column",
-            )
-        return explicit
-    return next((c for c in candidates if c and c in adata.obs.columns), None)
-
-
-def infer_cli(args: argparse.Namespace) -> int:
-    from state.tx.infer.run import run_infer
-
-    output = run_infer(
-        model_dir=args.model_dir,
-        adata_path=args.adata,
-        output=args.output,
-        checkpoint=args.checkpoint,
-        embed_key=args.embed_key,
-        pert_col=args.pert_col,
-        celltype_col=args.celltype_col,
-        celltypes=args.celltypes,
-        batch_col=args.batch_col,
-        control_pert=args.control_pert,
-        seed=args.seed,
-        max_set_len=args.max_set_len,
-        quiet=args.quiet,
-        tsv=args.tsv,
-        all_perts=args.all_perts,
-        virtual_cells_per_pert=args.virtual_cells_per_pert,
-        min_cells=args.min_cells,
-        max_cells=args.max_cells,
-        unknown_as_control=args.unknown_as_control,
-    )
-    log.info("wrote %s", output)
-    return 0
-
-
-def default_output_path(adata_path: str | Path) -> Path:
-    path = Path(adata_path)
-    name = path.name[: -len(".h5ad")] if path.name.endswith(".h5ad") else path.name
-    return path.with_name(f"{name}_simulated.h5ad")

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from state.tx.infer.net import predict_sets
 from state.tx.models.base import PerturbationModel, to_plain
 from state.tx.nn.backbones import match_position_table
 from state.tx.nn.losses import SetLoss
+from state.tx.nn.set_forward import predict_sets
 from state.tx.nn.state_transition import (
     StateTransitionNet,
     TransitionOutput,

@@ -10,15 +10,14 @@ CSVs.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from state.io.atomic import atomic_write_h5ad
+from state.tx import rundir
 from state.tx.predict.collect import PredictionCollector, build_anndatas
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
@@ -35,34 +34,20 @@ class PredictResult:
     metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
 
 
-def resolve_run_dir(output_dir: Path, cfg: dict) -> Path:
-    """arc-state reopens ``cfg.output_dir/cfg.name``; when that is gone (run moved) use ``output_dir``."""
-    stored = Path(str(cfg.get("output_dir", ""))) / str(cfg.get("name", ""))
-    if (stored / "data_module.torch").is_file() and (stored / "checkpoints").is_dir():
-        return stored
-    return output_dir
-
-
 def load_run_config(output_dir: Path) -> dict:
-    from state.tx.rundir import refuse_se_folder
-
-    refuse_se_folder(output_dir)
-    path = output_dir / "config.yaml"
-    if not path.is_file():
-        raise StateError(f"{path} not found", hint="--output-dir must be a run directory written by `state tx train`")
-    with path.open() as fh:
-        cfg = yaml.safe_load(fh)
-    if not isinstance(cfg, dict) or "data" not in cfg or "model" not in cfg:
-        raise StateError(f"{path} is not a state run config (no data/model sections)")
+    """The run's config.yaml; refuses SE folders and configs without data/model sections."""
+    rundir.refuse_se_folder(output_dir)
+    cfg = rundir.read_config(output_dir)
+    if "data" not in cfg or "model" not in cfg:
+        raise StateError(f"{output_dir / rundir.CONFIG_FILE} is not a state run config (no data/model sections)")
     return cfg
 
 
 def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     """Rebuild cell-load's data module from ``data_module.torch`` (read safely), relocating its TOML."""
-    from state.io.safe_load import safe_torch_load
     from state.tx.data.module import cap_num_workers, state_data_module_class
 
-    state = dict(safe_torch_load(run_dir / "data_module.torch", what="data module state"))
+    state = rundir.read_data_module_state(run_dir)
     candidates = [toml, state.get("toml_config_path"), cfg["data"]["kwargs"].get("toml_config_path")]
     chosen = next((c for c in candidates if c and Path(c).is_file()), None)
     if chosen is None:
@@ -104,11 +89,34 @@ def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
     model.eval()
 
 
+def _load_model(ckpt: Path, cfg: dict):
+    """The run's model class from config, seeded as arc-state's predict seeds it, in eval mode."""
+    import lightning.pytorch as pl
+
+    from state.tx.models.registry import load_model_checkpoint
+
+    pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
+    model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
+    model.to(inference_device())
+    model.eval()
+    return model
+
+
+def _collect(model, loader, collector: PredictionCollector) -> PredictionCollector:
+    total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
+    with torch.inference_mode():
+        for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
+            out = model.predict_step(batch_to_device(batch, model.device), idx, padded=False)
+            collector.add(batch, out)
+    log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
+    return collector
+
+
 def predict(
     output_dir: str | Path,
     *,
     toml: str | None = None,
-    checkpoint: str = "last.ckpt",
+    checkpoint: str | Path = rundir.PREDICT_CHECKPOINT,
     test_time_finetune: int = 0,
     profile: str = "full",
     predict_only: bool = False,
@@ -117,52 +125,29 @@ def predict(
     eval_train_data: bool = False,
     pseudobulk: bool = False,
 ) -> PredictResult:
-    import lightning.pytorch as pl
-
-    from state.tx.models.registry import load_model_checkpoint
-
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
-    run_dir = resolve_run_dir(output_dir, cfg)
-    ckpt = run_dir / "checkpoints" / checkpoint
-    if not ckpt.is_file():
-        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-        raise StateError(f"checkpoint {ckpt} not found" + (f" (available: {', '.join(found)})" if found else ""),
-                         hint="pass --checkpoint with one of the available names")
+    run_dir = rundir.stored_run_dir(output_dir, cfg)
+    ckpt = rundir.checkpoint_path(run_dir, checkpoint, default=rundir.PREDICT_CHECKPOINT)
     data = load_datamodule(run_dir, cfg, toml=toml)
-    pl.seed_everything(int(cfg.get("training", {}).get("train_seed", 42)), verbose=False)
-    model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
-    model.to(inference_device())
-    model.eval()
+    model = _load_model(ckpt, cfg)
     control = str(data.get_control_pert())
-    data_kwargs = cfg["data"]["kwargs"]
     loader = data.train_dataloader(test=True) if eval_train_data else data.test_dataloader()
     if not loader:
         raise StateError("this run's TOML has no test split to predict", hint="add a [zeroshot] or [fewshot] test entry, or pass --toml")
     if test_time_finetune > 0:
         _test_time_finetune(model, loader, epochs=test_time_finetune, control=control)
-
     shared = data.get_shared_perturbations() if shared_only else None
-    collector = PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared)
-    total = getattr(getattr(loader, "batch_sampler", None), "tot_num", None)
-    with torch.inference_mode():
-        for idx, batch in enumerate(progress(loader, desc="predict", total=len(loader), unit="sets")):
-            out = model.predict_step(batch_to_device(batch, model.device), idx, padded=False)
-            collector.add(batch, out)
-    log.info("predicted %d cells%s", collector.n_cells, f" of {total}" if total else "")
+    collector = _collect(model, loader, PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared))
 
-    tag = "eval_train_" if eval_train_data else "eval_"
-    eval_dir = output_dir / f"{tag}{Path(checkpoint).name}"
+    eval_dir = output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    var_dims = _load_var_dims(run_dir)
+    data_kwargs = cfg["data"]["kwargs"]
+    pert_col, cell_type_key = data_kwargs.get("pert_col", "gene"), data_kwargs.get("cell_type_key", "cell_type")
     adata_pred, adata_real = build_anndatas(
-        collector,
-        pert_col=data_kwargs.get("pert_col", "gene"),
-        cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
-        batch_key=data_kwargs.get("batch_col") or "batch",
-        embed_key=data_kwargs.get("embed_key"),
-        output_space=data_kwargs.get("output_space", "gene"),
-        gene_names=var_dims.get("gene_names"),
+        collector, pert_col=pert_col, cell_type_key=cell_type_key, batch_key=data_kwargs.get("batch_col") or "batch",
+        embed_key=data_kwargs.get("embed_key"), output_space=data_kwargs.get("output_space", "gene"),
+        gene_names=rundir.read_genes(run_dir) or None,
     )
     result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
     if not skip_adatas:
@@ -171,40 +156,10 @@ def predict(
     if not predict_only:
         from state.tx.predict.evaluate import evaluate_and_plot
 
-        result.metrics = evaluate_and_plot(
-            adata_pred, adata_real, outdir=eval_dir, control_pert=control,
-            pert_col=data_kwargs.get("pert_col", "gene"), cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
-            embed_key=data_kwargs.get("embed_key"), profile=profile,
-        )
+        result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
+                                           pert_col=pert_col, cell_type_key=cell_type_key,
+                                           embed_key=data_kwargs.get("embed_key"), profile=profile)
     return result
 
 
-def _load_var_dims(run_dir: Path) -> dict:
-    from state.io.safe_load import safe_pickle_load
-
-    path = run_dir / "var_dims.pkl"
-    return dict(safe_pickle_load(path, what="var_dims.pkl")) if path.is_file() else {}
-
-
-def predict_cli(args: argparse.Namespace) -> int:
-    result = predict(
-        args.output_dir,
-        toml=args.toml,
-        checkpoint=args.checkpoint,
-        test_time_finetune=args.test_time_finetune,
-        profile=args.profile,
-        predict_only=args.predict_only,
-        skip_adatas=args.skip_adatas,
-        shared_only=args.shared_only,
-        eval_train_data=args.eval_train_data,
-        pseudobulk=args.pseudobulk,
-    )
-    if result.metrics:
-        from state.tx.predict.evaluate import format_summary
-
-        print(format_summary(result.metrics))  # the command's result, so stdout
-    log.info("results in %s", result.eval_dir)
-    return 0
-
-
-__all__ = ["PredictResult", "predict", "predict_cli"]
+__all__ = ["PredictResult", "predict"]
