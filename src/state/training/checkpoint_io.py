@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from state.io.atomic import atomic_path
 from state.io.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                self.write_checkpoint(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        # atomic_path owns the temporary name, its removal on failure and the final file permissions.
+        with atomic_path(path, suffix="") as tmp, tmp.open("wb") as fh:
+            self.write_checkpoint(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def write_checkpoint(self, checkpoint: dict[str, Any], fh: Any) -> None:
         """Serialise ``checkpoint`` into the open file ``fh`` (a seam for crash tests)."""
