@@ -112,7 +112,7 @@ def make_wandb_logger(*, run_name: str, project: str, entity: str | None = None,
         return logger
     except Exception as exc:  # any W&B failure: warn and carry on with CSV
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.warning("W&B could not start (%s); continuing with %s only", reason, csv_file)
+        log.warning("wandb logging disabled: %s (W&B could not start; continuing with %s only)", reason, csv_file)
         return None
 
 
