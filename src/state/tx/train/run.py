@@ -309,6 +309,13 @@ def _train(cfg: Any) -> TrainResult:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+    return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+
+
+def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
+         is_rank_zero: bool) -> TrainResult:
+    """Fit ``model`` in the opened run directory (resuming when ``plan`` says so), then write final.ckpt."""
+    run_dir = plan.path
     ckpt_dir = run_dir / rundir.CHECKPOINT_DIR
     if plan.resume_from is not None:
         from state.training.checkpoint_io import remove_stale_temp_files
@@ -318,7 +325,7 @@ def _train(cfg: Any) -> TrainResult:
 
     resume_step = _resume_step(plan.resume_from)
     loggers = _loggers(plain, run_dir, resume_step) if is_rank_zero else []
-    strategy = _strategy(training.get("strategy", "auto"), model, dm)
+    strategy = _strategy(plain["training"].get("strategy", "auto"), model, dm)
     trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
                        strategy=strategy)
     trainer.fit(model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
