@@ -5,8 +5,10 @@ callbacks, loggers and checkpoint reader/writer) and passes its training-loop se
 validation cadence, clipping, ...) as keyword arguments. This module adds what every run shares:
 the accelerator, the precision and strategy policies, the progress bar and the checkpoint IO plugin.
 
-Run-level features that both commands should get (e.g. checkpoint-and-exit on SIGTERM/SIGUSR1 for
-requeueing) belong in :func:`_layer_callbacks` / :func:`_layer_plugins`, the one place that assembles them.
+Run-level features that both commands should get belong in :func:`_layer_callbacks` /
+:func:`_layer_plugins`, the one place that assembles them: e.g. a callback that, after SIGTERM or
+SIGUSR1, writes last.ckpt at the next step and stops for requeueing, or one that holds a lock on
+the run directory (``TrainerSetup.root_dir``) from ``setup`` to ``teardown``.
 """
 
 from __future__ import annotations
