@@ -113,6 +113,50 @@ def test_fit_resumes_from_last_checkpoint_and_reports_dropped_genes(trained, set
     assert "train_0: 4 of 94" in state_log.text  # genes without an embedding: counted, then dropped
 
 
+# Run as `python -c` with the CLI's arguments: `state emb fit`, except that the process is killed
+# (SIGKILL, nothing cleans up) once half of last.ckpt's bytes are on disk.
+_KILLED_MID_SAVE = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+from state.training.checkpoint_io import AtomicCheckpointIO
+
+def write_half_of_last_then_die(self, checkpoint, fh):
+    if not Path(fh.name).name.startswith(".last.ckpt."):
+        return torch.save(checkpoint, fh)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+AtomicCheckpointIO.write_checkpoint = write_half_of_last_then_die
+from state.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_killed_checkpoint_write_keeps_the_previous_last_ckpt(trained, setup, tmp_path, state_log):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    before = torch.load(tmp_path / "toy" / "last.ckpt", weights_only=True)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "STATE_PROGRESS": "0"}
+    cmd = [sys.executable, "-c", _KILLED_MID_SAVE, "emb", "fit", "--conf", str(setup[1]), *TINY,
+           f"experiment.checkpoint.path={tmp_path}", "experiment.num_epochs=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    strays = [p.name for p in (tmp_path / "toy").iterdir() if p.name.startswith(".last.ckpt.")]
+    assert len(strays) == 1 and strays[0].endswith(".tmp")  # the half-written bytes went to a temporary name
+    survivor = torch.load(tmp_path / "toy" / "last.ckpt", weights_only=True)  # still a whole checkpoint
+    assert survivor["global_step"] == before["global_step"]
+    assert torch.equal(survivor["state_dict"]["encoder.0.weight"], before["state_dict"]["encoder.0.weight"])
+
+    assert _fit(setup[1], tmp_path, "experiment.num_epochs=2") == 0  # resumes from it, clears the stray
+    assert "removed unfinished checkpoint write" in state_log.text
+    assert not [p.name for p in (tmp_path / "toy").iterdir() if p.name.endswith(".tmp")]
+    after = torch.load(tmp_path / "toy" / "last.ckpt", weights_only=True)
+    assert (after["epoch"], after["global_step"]) == (1, 2 * before["global_step"])
+
+
 def _mapping_without_genes(setup, tmp_path) -> str:
     root = setup[0]
     mapping = torch.load(root / "profile" / "ds_emb_mapping_toy.torch")
@@ -234,6 +278,7 @@ def test_wandb_failure_is_not_fatal(monkeypatch, tmp_path, state_log):
             raise RuntimeError("wandb: network unreachable")
 
     monkeypatch.setattr(pl_loggers, "WandbLogger", BrokenWandb)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # tests run with W&B disabled; offline needs no login
     cfg = OmegaConf.create({"wandb": {"enable": True, "project": "p"}, "experiment": {"name": "x"}})
     loggers = _loggers(cfg, tmp_path)
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]

@@ -138,7 +138,7 @@ def test_state_model_trains_resumes_and_survives_a_crash(synth, tmp_path, monkey
     assert "1" in steps_logged and "5" in steps_logged  # rows from before the resume are kept
 
     # crash in the middle of writing last.ckpt: the previous file stays intact and loadable
-    from state.tx.train import callbacks
+    from state.training import checkpoint_io
 
     def half_then_crash(self, checkpoint, fh):
         import io
@@ -148,7 +148,7 @@ def test_state_model_trains_resumes_and_survives_a_crash(synth, tmp_path, monkey
         fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise RuntimeError("simulated crash while saving")
 
-    monkeypatch.setattr(callbacks.AtomicCheckpointIO, "write_checkpoint", half_then_crash)
+    monkeypatch.setattr(checkpoint_io.AtomicCheckpointIO, "write_checkpoint", half_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(compose_tx_config(_train_args(synth, tmp_path, "st", *TINY_STATE, steps=8)))
     assert safe_torch_load(run / "checkpoints" / "last.ckpt")["global_step"] == 6

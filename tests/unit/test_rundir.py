@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from state.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
+from state.training.loggers import RunCSVLogger, make_wandb_logger
 from state.tx import rundir
 from state.tx.data.module import cap_num_workers, usable_cpu_count
 from state.tx.models import registry
-from state.tx.train.callbacks import (
-    AtomicCheckpointIO,
-    RunCSVLogger,
-    make_wandb_logger,
-    remove_stale_temp_files,
-)
 from state.utils.errors import StateError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tx"

@@ -5,12 +5,13 @@ It runs on CPU, one GPU, or many GPUs / nodes through Lightning: ``experiment.nu
 -> devices, ``experiment.num_nodes`` -> num_nodes, DDP when more than one process (Lightning picks
 gloo on CPU, nccl on CUDA). Checkpoints go to ``<checkpoint.path>/<experiment.name>/`` as
 ``<run_name>-epoch=E-step=S.ckpt`` plus ``last.ckpt``; a run resumes from ``last.ckpt`` when it
-exists, and ``<checkpoint.path>/<run_name>_final.pt`` is written at the end.
+exists, and ``<checkpoint.path>/<run_name>_final.pt`` is written at the end. Every checkpoint is
+written atomically, and the Trainer, its loggers and its checkpoint IO come from :mod:`state.training`.
 """
 
 from __future__ import annotations
 
-import datetime
+import glob
 import logging
 import os
 from collections.abc import Sequence
@@ -22,16 +23,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 
 from state.emb.data.datamodule import SEDataModule
 from state.emb.data.profile import dataset_profile, embedding_profile, load_training_profile
 from state.emb.lightning_module import StateEmbeddingModel, warmup_steps_for
-from state.io.safe_load import placeholder_to_plain, safe_torch_load
+from state.io.safe_load import placeholder_to_plain
+from state.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
+from state.training.loggers import make_wandb_logger
+from state.training.trainer import TrainerSetup, build_trainer, strategy_for
 from state.utils.errors import StateError
-from state.utils.progress import progress_enabled
+from state.utils.logging import global_rank
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,38 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
     data = SEDataModule(cfg, profile)
     model = build_model(cfg, profile.gene_embeddings)
 
-    devices, num_nodes = int(exp.num_gpus_per_node), int(exp.get("num_nodes", 1))
-    world = devices * num_nodes
     ckpt_dir = checkpoint_dir(cfg)
     name = run_name(cfg)
-    checkpointing = ModelCheckpoint(
+    final = Path(str(exp.checkpoint.path)) / f"{name}_final.pt"
+    checkpointing = _checkpoint_callback(exp, ckpt_dir, name)
+    callbacks: list[Callback] = [checkpointing, *extra_callbacks]
+    if cfg.optimizer.get("reset_lr_on_restart", False):
+        callbacks.append(ResetLearningRate(float(cfg.optimizer.max_lr)))
+    if cfg.model.get("ema", False):
+        log.warning("model.ema=true is not implemented; training without EMA")
+    trainer = _trainer(cfg, ckpt_dir, callbacks, train_cells=len(data.train_dataset))
+    trainer.fit(model, datamodule=data, ckpt_path=_resume_point(ckpt_dir, final))
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
+    log.info("trained %d steps on %d process(es) (%s, %s)", trainer.global_step, trainer.world_size,
+             backend, trainer.strategy.root_device)
+
+    trainer.save_checkpoint(final, weights_only=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    best = checkpointing.best_model_path or None
+    last = ckpt_dir / "last.ckpt"
+    return FitResult(
+        checkpoint_dir=ckpt_dir,
+        last_checkpoint=last if last.is_file() else None,
+        best_checkpoint=Path(best) if best else None,
+        final_checkpoint=final if final.is_file() else None,
+        global_step=int(trainer.global_step),
+        metrics=metrics,
+    )
+
+
+def _checkpoint_callback(exp: DictConfig, ckpt_dir: Path, name: str) -> ModelCheckpoint:
+    """arc-state's checkpoint files: ``<run_name>-epoch=E-step=S.ckpt`` (top k) and ``last.ckpt``."""
+    return ModelCheckpoint(
         dirpath=ckpt_dir,
         filename=f"{name}-{{epoch}}-{{step}}",
         save_last=True,
@@ -93,60 +122,54 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
         # Always overwrite last.ckpt (never last-v1.ckpt): resuming looks for exactly that name.
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [checkpointing, *extra_callbacks]
-    if cfg.optimizer.get("reset_lr_on_restart", False):
-        callbacks.append(ResetLearningRate(float(cfg.optimizer.max_lr)))
-    if cfg.model.get("ema", False):
-        log.warning("model.ema=true is not implemented; training without EMA")
+
+
+def _trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list[Callback], *, train_cells: int) -> L.Trainer:
+    exp = cfg.experiment
+    devices, num_nodes = int(exp.num_gpus_per_node), int(exp.get("num_nodes", 1))
+    world = devices * num_nodes
     profiler_cfg = exp.get("profile", {}) or {}
     max_steps = int(profiler_cfg.get("max_steps", -1)) if profiler_cfg.get("enable_profiler", False) else -1
-
-    train_batches = _batches_per_epoch(len(data.train_dataset), int(cfg.model.batch_size), world)
+    accumulate = int(cfg.optimizer.gradient_accumulation_steps)
+    train_batches = _batches_per_epoch(train_cells, int(cfg.model.batch_size), world)
     val_interval = int(exp.get("val_check_interval", 1000)) * world  # arc-state scales it by the world size
     if val_interval > train_batches:
         log.info("experiment.val_check_interval x world size (%d) exceeds the %d batches of an epoch: "
                  "validating once per epoch", val_interval, train_batches)
         val_interval = train_batches
-    trainer = L.Trainer(
-        accelerator="auto",
+    setup = TrainerSetup(
+        root_dir=ckpt_dir,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=_strategy(world, int(exp.get("ddp_timeout", 3600))),
-        precision=_precision(),
+        strategy=strategy_for("ddp" if world > 1 else "auto", timeout_s=int(exp.get("ddp_timeout", 3600))),
+        precision=None,  # the automatic choice: bf16-mixed (16-mixed) on GPUs, as arc-state; 32-true on CPU
+        loggers=_loggers(cfg, ckpt_dir),
+        callbacks=callbacks,
+        checkpoint_io=SECheckpointIO(),
+        step_progress_bar=False,
+    )
+    return build_trainer(
+        setup,
         max_epochs=int(exp.num_epochs),
         max_steps=max_steps,
         gradient_clip_val=float(cfg.optimizer.max_grad_norm),
-        accumulate_grad_batches=int(cfg.optimizer.gradient_accumulation_steps),
+        accumulate_grad_batches=accumulate,
         val_check_interval=val_interval,
-        log_every_n_steps=max(1, min(50, train_batches // int(cfg.optimizer.gradient_accumulation_steps))),
+        log_every_n_steps=max(1, min(50, train_batches // accumulate)),
         limit_val_batches=exp.get("limit_val_batches", 1.0),
-        callbacks=callbacks,
-        logger=_loggers(cfg, ckpt_dir),
-        plugins=[SafeCheckpointIO()],
-        default_root_dir=ckpt_dir,
-        enable_progress_bar=progress_enabled(),
     )
-    last = ckpt_dir / "last.ckpt"
-    resume = last if last.is_file() else None
-    if resume is not None:
-        log.info("resuming from %s", resume)
-    trainer.fit(model, datamodule=data, ckpt_path=resume)
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
-    log.info("trained %d steps on %d process(es) (%s, %s)", trainer.global_step, trainer.world_size,
-             backend, trainer.strategy.root_device)
 
-    final = Path(str(exp.checkpoint.path)) / f"{name}_final.pt"
-    trainer.save_checkpoint(final, weights_only=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    best = checkpointing.best_model_path or None
-    return FitResult(
-        checkpoint_dir=ckpt_dir,
-        last_checkpoint=last if last.is_file() else None,
-        best_checkpoint=Path(best) if best else None,
-        final_checkpoint=final if final.is_file() else None,
-        global_step=int(trainer.global_step),
-        metrics=metrics,
-    )
+
+def _resume_point(ckpt_dir: Path, final: Path) -> Path | None:
+    """``last.ckpt`` when it exists; first, rank 0 removes what a killed save left behind."""
+    if global_rank() == 0:
+        remove_stale_temp_files(ckpt_dir)
+        remove_stale_temp_files(final.parent, f".{glob.escape(final.name)}.*.tmp")
+    last = ckpt_dir / "last.ckpt"
+    if not last.is_file():
+        return None
+    log.info("resuming from %s", last)
+    return last
 
 
 def build_model(cfg: DictConfig, gene_embeddings: dict[str, torch.Tensor]) -> StateEmbeddingModel:
@@ -194,32 +217,17 @@ def _batches_per_epoch(cells: int, batch_size: int, world: int) -> int:
     return max(-(-per_rank // batch_size), 1)
 
 
-def _strategy(world: int, timeout_s: int):
-    if world <= 1:
-        return "auto"
-    # No backend named here: Lightning uses nccl on CUDA and gloo on CPU.
-    return DDPStrategy(find_unused_parameters=False, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def _precision() -> str:
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
-
-
 def _loggers(cfg: DictConfig, ckpt_dir: Path) -> list[Logger]:
+    """``csv_logs/version_N/metrics.csv`` always; W&B with ``wandb.enable`` when it is usable (never fatal)."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(ckpt_dir), name="csv_logs")]
     wandb_cfg = cfg.get("wandb", {}) or {}
-    if not wandb_cfg.get("enable", False):
-        return loggers
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb_logger = WandbLogger(project=str(wandb_cfg.get("project", "vci")), name=str(cfg.experiment.name))
-        _ = wandb_logger.experiment  # initialise now so that a failure is caught here
-        loggers.append(wandb_logger)
-    except Exception as exc:  # noqa: BLE001 - W&B must never stop training
-        log.warning("wandb logging disabled: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    if wandb_cfg.get("enable", False):
+        wandb_logger = make_wandb_logger(
+            run_name=str(cfg.experiment.name), project=str(wandb_cfg.get("project", "vci")),
+            switch="wandb.enable", csv_file="csv_logs/",
+        )
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
     return loggers
 
 
@@ -236,11 +244,14 @@ class ResetLearningRate(Callback):
                     group["lr"] = self.max_lr
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Resume from any checkpoint (ours or arc-state's) through the restricted unpickler."""
+class SECheckpointIO(AtomicCheckpointIO):
+    """Atomic saves; resumes from any SE checkpoint (ours or arc-state's) through the restricted unpickler."""
+
+    def __init__(self) -> None:
+        super().__init__(what="SE checkpoint")
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        checkpoint = safe_torch_load(path, what="SE checkpoint", map_location="cpu")
+        checkpoint = super().load_checkpoint(path, map_location="cpu")
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             checkpoint["hyper_parameters"] = placeholder_to_plain(hparams)

@@ -146,7 +146,7 @@ def _write_run_files(run_dir: Path, cfg: Any, dm: Any, var_dims: Mapping[str, An
 
 
 def _loggers(plain: Mapping[str, Any], run_dir: Path, resume_step: int | None) -> list:
-    from state.tx.train.callbacks import RunCSVLogger, make_wandb_logger
+    from state.training.loggers import RunCSVLogger, make_wandb_logger
 
     loggers: list = [RunCSVLogger(plain["output_dir"], str(plain["name"]), keep_rows_before_step=resume_step)]
     if plain.get("use_wandb"):
@@ -154,32 +154,23 @@ def _loggers(plain: Mapping[str, Any], run_dir: Path, resume_step: int | None) -
         logger = make_wandb_logger(
             run_name=str(plain["name"]), project=wb.get("project", "state"), entity=wb.get("entity"),
             save_dir=wb.get("local_wandb_dir", "./wandb_logs"), tags=list(wb.get("tags") or []),
-            config=dict(plain), run_dir=run_dir,
+            config=dict(plain), run_dir=run_dir, switch="use_wandb", csv_file="version_0/metrics.csv",
         )
         if logger is not None:
             loggers.append(logger)
     return loggers
 
 
-def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers: list, model_name: str,
-             strategy: Any):
-    import lightning.pytorch as pl
+def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> list:
+    """tx's own callbacks: its checkpoint names, speed logging, and for the State model gradients and FLOPs."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from state.tx.train.callbacks import (
-        AtomicCheckpointIO,
-        BatchSpeedMonitor,
-        GradientNormLogger,
-        StateProgressBar,
-    )
-    from state.utils.progress import progress_enabled
+    from state.tx.train.callbacks import BatchSpeedMonitor, GradientNormLogger
 
-    training = plain["training"]
-    val_freq = int(training.get("val_freq") or 2000)
     callbacks: list = [
         ModelCheckpoint(
             dirpath=run_dir / rundir.CHECKPOINT_DIR, filename="best", monitor="val_loss", mode="min",
-            save_top_k=1, save_last=True, every_n_train_steps=val_freq,
+            save_top_k=1, save_last=True, every_n_train_steps=_val_freq(training),
         ),
         BatchSpeedMonitor(interval=50),
     ]
@@ -192,31 +183,40 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
                 use_backward=bool(training.get("cumulative_flops_use_backward", True)),
                 mfu_kwargs=training.get("mfu_kwargs") if training.get("use_mfu") else None,
             ))
-    show_bar = progress_enabled()
-    if show_bar:
-        callbacks.append(StateProgressBar())
-    # Lightning logs every 50 steps by default; short runs would end with no metrics.csv at all.
-    log_every = training.get("log_every_n_steps") or min(50, max(1, max_steps))
-    return pl.Trainer(
-        accelerator="auto",
+    return callbacks
+
+
+def _val_freq(training: Mapping[str, Any]) -> int:
+    return int(training.get("val_freq") or 2000)
+
+
+def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers: list, model_name: str,
+             strategy: Any):
+    from state.training.trainer import TrainerSetup, build_trainer
+
+    training = plain["training"]
+    setup = TrainerSetup(
+        root_dir=run_dir,
         devices=training.get("devices", 1),
         num_nodes=int(training.get("num_nodes") or 1),  # multi-node: +training.num_nodes=N (Lightning env vars)
         strategy=strategy,
         precision=training.get("precision") or "32-true",
+        loggers=loggers,
+        callbacks=_callbacks(training, run_dir, model_name),
+    )
+    # Lightning logs every 50 steps by default; short runs would end with no metrics.csv at all.
+    log_every = training.get("log_every_n_steps") or min(50, max(1, max_steps))
+    return build_trainer(
+        setup,
         max_steps=max_steps,
         check_val_every_n_epoch=None,
-        val_check_interval=val_freq,
+        val_check_interval=_val_freq(training),
         # A module that steps its own optimizers clips itself (Lightning refuses both at once).
         gradient_clip_val=None if registry.model_entry(model_name).manual_optimization
         else training.get("gradient_clip_val"),
         accumulate_grad_batches=int(training.get("gradient_accumulation_steps") or 1),
         use_distributed_sampler=False,
-        logger=loggers,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=show_bar,
         enable_model_summary=False,
-        default_root_dir=str(run_dir),
         log_every_n_steps=int(log_every),
     )
 
@@ -224,11 +224,13 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
 def _strategy(requested: Any, model: Any, dm: Any) -> Any:
     """DDP refuses parameters that get no gradient; the gene decoder gets none when the data carry no
     expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones."""
+    from state.training.trainer import strategy_for
+
     decoder_idle = getattr(model, "gene_decoder", None) is not None and not getattr(dm, "store_raw_expression", True)
-    if requested == "ddp" and decoder_idle:
-        log.info("strategy ddp -> ddp_find_unused_parameters_true: the gene decoder has no targets in this data")
-        return "ddp_find_unused_parameters_true"
-    return requested
+    strategy = strategy_for(requested, find_unused_parameters=decoder_idle)
+    if requested == "ddp" and strategy != requested:
+        log.info("strategy ddp -> %s: the gene decoder has no targets in this data", strategy)
+    return strategy
 
 
 def _max_steps(plain: Mapping[str, Any]) -> int:
@@ -307,16 +309,23 @@ def _train(cfg: Any) -> TrainResult:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+    return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+
+
+def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
+         is_rank_zero: bool) -> TrainResult:
+    """Fit ``model`` in the opened run directory (resuming when ``plan`` says so), then write final.ckpt."""
+    run_dir = plan.path
     ckpt_dir = run_dir / rundir.CHECKPOINT_DIR
     if plan.resume_from is not None:
-        from state.tx.train.callbacks import remove_stale_temp_files
+        from state.training.checkpoint_io import remove_stale_temp_files
 
         remove_stale_temp_files(ckpt_dir)
         log.info("resuming from %s", plan.resume_from)
 
     resume_step = _resume_step(plan.resume_from)
     loggers = _loggers(plain, run_dir, resume_step) if is_rank_zero else []
-    strategy = _strategy(training.get("strategy", "auto"), model, dm)
+    strategy = _strategy(plain["training"].get("strategy", "auto"), model, dm)
     trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
                        strategy=strategy)
     trainer.fit(model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
