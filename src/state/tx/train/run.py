@@ -54,7 +54,7 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
 
 def _validate(cfg: Any) -> None:
     try:
-        from state.tx.config.compose import validate_tx_config
+        from state.tx.config.validate import validate_tx_config
     except ImportError:  # config module not present (partial install): structural checks below still run
         validate_tx_config = None
     if validate_tx_config is not None:
