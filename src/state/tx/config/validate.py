@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from state.tx.config.architecture import model_set_length
 from state.tx.config.compose import TOML_OVERRIDE, config_groups
 from state.utils.errors import collect_errors
 
@@ -41,27 +42,11 @@ def validate_tx_config(cfg: DictConfig, *, known_models: Collection[str] | None 
 
 
 def cell_sentence_len(cfg: DictConfig) -> int | None:
-    """The number of cells per set that the data module must yield for this model.
+    """The number of cells per set that the data module must yield for this model (None: not told).
 
-    The first of: ``model.cell_set_len``; ``model.kwargs.cell_sentence_len`` for the cpa / scvi /
-    scgpt baselines; ``transformer_backbone_kwargs.n_positions``; ``...max_position_embeddings``;
-    finally ``model.kwargs.cell_set_len`` (arc-state stopped one step earlier). Accepts a DictConfig
-    or a plain dict.
+    The rule is :func:`state.tx.config.architecture.cells_per_set`. Accepts a DictConfig or a plain dict.
     """
-    model = cfg.get("model") or {}
-    kwargs = model.get("kwargs") or {}
-    if model.get("cell_set_len") is not None:
-        return int(model.get("cell_set_len"))
-    name = str(model.get("name", "")).lower()
-    if (name in ("cpa", "scvi") or name.startswith("scgpt")) and kwargs.get("cell_sentence_len") is not None:
-        return int(kwargs.get("cell_sentence_len"))
-    backbone = kwargs.get("transformer_backbone_kwargs") or {}
-    for key in ("n_positions", "max_position_embeddings"):
-        if backbone.get(key) is not None:
-            return int(backbone.get(key))
-    if kwargs.get("cell_set_len") is not None:
-        return int(kwargs.get("cell_set_len"))
-    return None
+    return model_set_length(cfg.get("model") or {})
 
 
 def _missing_values(cfg: DictConfig) -> list[str]:

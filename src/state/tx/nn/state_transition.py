@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.config.architecture import TransitionConfig
 from state.tx.nn.backbones import apply_lora, build_backbone, identity_attention_mask
 from state.tx.nn.mlp import activation_class, build_mlp
 from state.tx.nn.tokens import ConfidenceToken, prepend_token
@@ -37,10 +38,9 @@ def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool)
     keywords): the one place that decides how config keys and their defaults shape the network, used
     both when training (inside Lightning) and when ``infer`` rebuilds the net without Lightning.
     ``has_gene_decoder``: whether the model was built with a gene decoder (it decides the final ReLU).
+    The shapes (dims, backbone, positions) come from :class:`TransitionConfig`.
     """
-    backbone_kwargs = dict(hparams.get("transformer_backbone_kwargs") or {})
-    n_positions = int(hparams.get("cell_set_len", 128)) + int(hparams.get("extra_tokens", 0))
-    backbone_kwargs["n_positions"] = n_positions
+    arch = TransitionConfig.from_hparams(hparams)
     use_batch_token = bool(hparams.get("use_batch_token", False))
     if use_batch_token and (
         hparams.get("batch_encoder", False) or hparams.get("basal_mapping_strategy", "random") == "random"
@@ -48,13 +48,13 @@ def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool)
         log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
         use_batch_token = False
     return {
-        "input_dim": int(hparams["input_dim"]),
-        "hidden_dim": int(hparams["hidden_dim"]),
-        "output_dim": int(hparams["output_dim"]),
-        "pert_dim": int(hparams["pert_dim"]),
-        "batch_dim": None if hparams.get("batch_dim") is None else int(hparams["batch_dim"]),
-        "backbone_key": hparams.get("transformer_backbone_key", "llama"),
-        "backbone_kwargs": backbone_kwargs,
+        "input_dim": arch.input_dim,
+        "hidden_dim": arch.hidden_dim,
+        "output_dim": arch.output_dim,
+        "pert_dim": arch.pert_dim,
+        "batch_dim": arch.batch_dim,
+        "backbone_key": arch.backbone_key,
+        "backbone_kwargs": arch.backbone_hparams(),
         "n_encoder_layers": int(hparams.get("n_encoder_layers", 2)),
         "n_decoder_layers": int(hparams.get("n_decoder_layers", 2)),
         "dropout": float(hparams.get("dropout", 0.1)),
