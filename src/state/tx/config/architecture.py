@@ -82,6 +82,20 @@ def _one_set_per_batch(name: Any) -> bool:
         return False
 
 
+def trained_set_length(
+    hparams: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None, *,
+    default: int = WINDOW_DEFAULT_SET_LEN,
+) -> int:
+    """Cells per set of a trained model: from its saved hyper-parameters, else from its run's
+    ``model`` config, else ``default``."""
+    model_cfg = model_cfg or {}
+    one_set = _one_set_per_batch(model_cfg.get("name"))
+    length = cells_per_set(hparams, one_set_per_batch=one_set, saved=True)
+    if length is None and model_cfg:
+        length = model_set_length(model_cfg)
+    return default if length is None else length
+
+
 def gene_decoder_config(
     model_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any], output_space: str
 ) -> dict[str, Any] | None:
@@ -192,8 +206,11 @@ class TransitionConfig:
 
     def model_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """``model.kwargs`` as the model is constructed with (and saves): arc-state's keys in their
-        order, the gene decoder filled in (or switched off)."""
+        order, the resolved set length under the model's own key (so a model reads the length the
+        data loader was given, e.g. after a ``transformer_backbone_kwargs.n_positions=N`` override),
+        the gene decoder filled in (or switched off)."""
         out = dict(kwargs)
+        out["cell_sentence_len" if self.one_set_per_batch else "cell_set_len"] = self.set_len
         if self.decoder is None:
             out.pop("decoder_cfg", None)
             out["gene_decoder_bool"] = False
