@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from state.tx.config.architecture import TransitionConfig
-from state.tx.infer.net import predict_sets
 from state.tx.models.base import PerturbationModel, to_plain
 from state.tx.nn.backbones import match_position_table
 from state.tx.nn.losses import SetLoss
@@ -46,6 +45,7 @@ from state.tx.nn.state_transition import (
     StateTransitionNet,
     TransitionOutput,
     adopt_net_parts,
+    predict_sets,
     transition_net_kwargs,
 )
 from state.utils.errors import StateError
