@@ -117,7 +117,10 @@ class StateTransitionPerturbationModel(PerturbationModel):
             **transition_net_kwargs(self._hparam_record, has_gene_decoder=self.gene_decoder is not None)
         )
         adopt_net_parts(self, net)
+        self._set_up_losses(kwargs, distributional_loss)
 
+    def _set_up_losses(self, kwargs: Mapping[str, Any], distributional_loss: str) -> None:
+        """The set losses and the weights of the auxiliary terms, from model.kwargs (arc-state's defaults)."""
         loss_kind = str(kwargs.get("loss", "energy"))
         loss_options = {
             "distributional_loss": distributional_loss,

@@ -149,28 +149,36 @@ class StateTransitionNet(nn.Module):
                 nn.Linear(output_dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, output_dim)
             )
 
-        self.register_module("batch_encoder", None)
-        if use_batch_encoder and batch_dim:
-            self.batch_encoder = nn.Embedding(int(batch_dim), hidden_dim)
-
-        self.register_module("batch_classifier", None)
-        self.register_parameter("batch_token", None)
-        if use_batch_token and batch_dim:
-            self.batch_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
-            self.batch_classifier = build_mlp(hidden_dim, int(batch_dim), n_layers=1, **mlp)
-
+        # Registered in this order after project_out: the checkpoint's key order depends on it.
+        self._add_batch_parts(batch_dim if use_batch_encoder else None, batch_dim if use_batch_token else None, mlp)
         self.register_module("confidence_token", None)
         if use_confidence_token:
             self.confidence_token = ConfidenceToken(hidden_dim, dropout=dropout)
 
         self.relu = nn.ReLU() if final_relu else None
-
         if freeze_backbone:
-            for name, param in self.transformer_backbone.named_parameters():
-                if "lora_" not in name:
-                    param.requires_grad_(False)
-            for param in self.project_out.parameters():
+            self._freeze_backbone()
+
+    def _add_batch_parts(self, encoder_batches: int | None, token_batches: int | None, mlp: dict) -> None:
+        """The batch embedding added to every cell, and the batch token with its classifier (each only
+        when asked for and the data have batches)."""
+        hidden_dim = mlp["hidden_dim"]
+        self.register_module("batch_encoder", None)
+        if encoder_batches:
+            self.batch_encoder = nn.Embedding(int(encoder_batches), hidden_dim)
+        self.register_module("batch_classifier", None)
+        self.register_parameter("batch_token", None)
+        if token_batches:
+            self.batch_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
+            self.batch_classifier = build_mlp(hidden_dim, int(token_batches), n_layers=1, **mlp)
+
+    def _freeze_backbone(self) -> None:
+        """Freeze the backbone (its LoRA adapters still train) and the output projection."""
+        for name, param in self.transformer_backbone.named_parameters():
+            if "lora_" not in name:
                 param.requires_grad_(False)
+        for param in self.project_out.parameters():
+            param.requires_grad_(False)
 
     def forward(
         self,
