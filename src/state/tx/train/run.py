@@ -75,14 +75,22 @@ def set_length(model_cfg: Mapping[str, Any]) -> int:
     return length
 
 
-def architecture(model_cfg: Mapping[str, Any], var_dims: Mapping[str, Any], output_space: str):
-    """The model's :class:`~state.tx.config.architecture.TransitionConfig` (set length, decoder, dims)."""
-    set_length(model_cfg)  # the one-line error when the config tells no set length
-    return TransitionConfig.from_model_config(model_cfg, var_dims=var_dims, output_space=output_space)
+def _batch_shape(plain: dict[str, Any]) -> tuple[int, int]:
+    """(sets per batch, cells per set); a one-set model's ``training.batch_size`` becomes 1 in ``plain``."""
+    training, model_name = plain["training"], plain["model"]["name"]
+    batch_size = int(training.get("batch_size", 16))
+    set_len = set_length(plain["model"])
+    if registry.model_entry(model_name).sets_per_batch(batch_size, set_len) != batch_size:
+        log.info("training.batch_size=%d -> 1 for %s (cells per step = cell_sentence_len=%d)",
+                 batch_size, model_name, set_len)
+        batch_size = training["batch_size"] = 1
+    return batch_size, set_len
 
 
-def _build_model(plain: Mapping[str, Any], data_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any], arch: Any):
+def _build_model(plain: Mapping[str, Any], data_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any]):
     training = {k: v for k, v in plain["training"].items() if k not in OWN_TRAINING_KEYS}
+    arch = TransitionConfig.from_model_config(
+        plain["model"], var_dims=var_dims, output_space=data_kwargs.get("output_space", "gene"))
     model_kwargs = arch.model_kwargs(plain["model"].get("kwargs") or {})
     try:
         return registry.build_lightning_module(
@@ -246,12 +254,7 @@ def _train(cfg: Any) -> TrainResult:
     training = plain["training"]
     is_rank_zero = global_rank() == 0
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
-    batch_size = int(training.get("batch_size", 16))
-    set_len = set_length(plain["model"])
-    if registry.model_entry(model_name).sets_per_batch(batch_size, set_len) != batch_size:
-        log.info("training.batch_size=%d -> 1 for %s (cells per step = cell_sentence_len=%d)",
-                 batch_size, model_name, set_len)
-        batch_size = training["batch_size"] = 1
+    batch_size, set_len = _batch_shape(plain)
     tx_data.check_data_inputs(data_kwargs)
     if is_rank_zero:
         plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
@@ -267,8 +270,7 @@ def _train(cfg: Any) -> TrainResult:
     log.info("training split: %d batches per epoch", len(dm.train_dataloader()))
     # arc-state builds the model from the kwargs dict cell-load filled in (batch_size, cell_sentence_len).
     model_data_kwargs = {**data_kwargs, "batch_size": batch_size, "cell_sentence_len": set_len}
-    arch = architecture(plain["model"], var_dims, data_kwargs.get("output_space", "gene"))
-    model = _build_model(plain, model_data_kwargs, var_dims, arch)
+    model = _build_model(plain, model_data_kwargs, var_dims)
     if plan.resume_from is None:
         _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"))
 
