@@ -173,7 +173,8 @@ def train(config: Any = None, *, overrides: Mapping[str, Any] | Sequence[str] | 
         result = api.train(overrides={"+experiment": "demo", "training.max_steps": 2, "output_dir": "runs"})
         run = api.load_run(result.run_dir)
     """
-    from state.tx.config.compose import compose_tx_config, validate_tx_config
+    from state.tx.config.compose import compose_tx_config
+    from state.tx.config.validate import validate_tx_config
     from state.tx.train.run import train as run_train
 
     strings = override_strings(overrides)

@@ -296,3 +296,30 @@ def test_inference_rebuild_matches_the_trained_lightning_module(synth, tmp_path,
             out = module.predict_step(item, 0, padded=False)
             np.testing.assert_allclose(got[i], out["preds"].numpy(), rtol=0, atol=1e-6)
             np.testing.assert_allclose(got_counts[i], out["pert_cell_counts_preds"].numpy(), rtol=0, atol=1e-6)
+
+
+def test_n_positions_override_sets_the_data_and_the_model_set_length(synth, tmp_path, monkeypatch):
+    """The override train's own hint suggests: the loader yields sets of N cells, the model reshapes
+    batches into sets of N and its backbone has N + extra_tokens positions (saved and reloaded)."""
+    from state.tx.infer.predictor import load_predictor
+    from state.tx.models.state_transition import StateTransitionPerturbationModel
+
+    set_shapes = []
+    original = StateTransitionPerturbationModel._sets
+
+    def recording_sets(self, batch, *, padded):
+        sets = original(self, batch, padded=padded)
+        set_shapes.append(tuple(sets[0].shape[:2]))
+        return sets
+
+    monkeypatch.setattr(StateTransitionPerturbationModel, "_sets", recording_sets)
+    override = ["+model.kwargs.transformer_backbone_kwargs.n_positions=6", "+model.kwargs.extra_tokens=1"]
+    result = train(compose_tx_config(_train_args(synth, tmp_path, "npos", *TINY_STATE, *override, steps=2)))
+    assert safe_torch_load(result.run_dir / "data_module.torch")["cell_sentence_len"] == 6
+    assert set_shapes and {cells for _, cells in set_shapes} == {6}  # TINY_STATE's cell_set_len=8 lost
+    assert {sets for sets, _ in set_shapes} <= {1, 2}  # training.batch_size=2 sets per batch
+    hparams = safe_torch_load(result.checkpoint_paths["final.ckpt"])["hyper_parameters"]
+    assert hparams["cell_set_len"] == 6 and hparams["transformer_backbone_kwargs"]["n_positions"] == 7
+    predictor = load_predictor(result.run_dir)
+    assert predictor.cell_set_len == 6
+    assert predictor.module.transformer_backbone.config.n_positions == 7

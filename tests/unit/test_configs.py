@@ -15,13 +15,8 @@ from state.emb.config import (
     dataset_profiles,
     embedding_profiles,
 )
-from state.tx.config.compose import (
-    cell_sentence_len,
-    compose_tx_config,
-    config_groups,
-    train_help_text,
-    validate_tx_config,
-)
+from state.tx.config.compose import compose_tx_config, config_groups, train_help_text
+from state.tx.config.validate import cell_sentence_len, validate_tx_config
 from state.utils.errors import StateError
 
 ARC_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "arc_configs"

@@ -13,12 +13,13 @@ log = logging.getLogger(__name__)
 
 def train(args: argparse.Namespace) -> int:
     from state.tx.config import compose as config
+    from state.tx.config.validate import validate_tx_config
 
     if args.help:
         print(config.train_help_text())
         return 0
     cfg = config.compose_tx_config(list(args.hydra_overrides))
-    config.validate_tx_config(cfg)  # every config problem in one line, before the heavy imports
+    validate_tx_config(cfg)  # every config problem in one line, before the heavy imports
     from state.tx.train.run import train as run_train
     from state.utils.allocator import reuse_freed_memory
 

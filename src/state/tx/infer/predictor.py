@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from state.io.columns import RunColumns
+from state.tx.config.architecture import trained_set_length
 from state.utils.device import batch_to_device, inference_device
 from state.utils.errors import StateError
 
@@ -160,7 +161,7 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
     module.eval()
     hp = module.hparams
     data_kwargs = run.config.get("data", {}).get("kwargs", {}) if run.config else {}
-    cell_set_len = int(hp.get("cell_set_len") or run.config.get("model", {}).get("kwargs", {}).get("cell_set_len", 512))
+    cell_set_len = trained_set_length(hp, (run.config or {}).get("model"))
     return SetPredictor(
         module=module,
         pert_map={str(k): np.asarray(v, dtype=np.float32) for k, v in run.pert_map.items()},

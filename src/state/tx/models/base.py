@@ -65,6 +65,16 @@ def adam(params: Any, *, lr: float, fused: bool = True) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+def _check_output_space(output_space: str) -> None:
+    if output_space not in OUTPUT_SPACES:
+        from state.utils.errors import StateError
+
+        raise StateError(
+            f"output_space must be one of {', '.join(OUTPUT_SPACES)}, got '{output_space}'",
+            hint="set data.kwargs.output_space",
+        )
+
+
 class PerturbationModel(LightningModule):
     """Base LightningModule: hyper-parameter capture, the gene decoder, Adam, predict_step."""
 
@@ -90,13 +100,7 @@ class PerturbationModel(LightningModule):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if output_space not in OUTPUT_SPACES:
-            from state.utils.errors import StateError
-
-            raise StateError(
-                f"output_space must be one of {', '.join(OUTPUT_SPACES)}, got '{output_space}'",
-                hint="set data.kwargs.output_space",
-            )
+        _check_output_space(output_space)
         if output_space == "embedding":
             # No expression target exists in embedding space: never build or save a decoder.
             kwargs["gene_decoder_bool"] = False
@@ -122,28 +126,31 @@ class PerturbationModel(LightningModule):
         self._hparam_record: dict[str, Any] = {}
         self.add_hparams(base)
         self.add_hparams(kwargs)
-
-        self.input_dim = int(input_dim)
-        self.hidden_dim = int(hidden_dim)
-        self.output_dim = int(output_dim)
-        self.pert_dim = int(pert_dim)
-        self.batch_dim = None if batch_dim is None else int(batch_dim)
-        self.dropout = float(dropout)
-        self.lr = float(lr)
-        self.control_pert = control_pert
-        self.embed_key = embed_key
-        self.output_space = output_space
-        self.gene_names = to_plain(gene_names)
-        self.batch_size = batch_size
-        self.gene_dim = int(gene_dim) if gene_dim is not None else None
-        self.hvg_dim = int(hvg_dim) if hvg_dim is not None else None
-        self.decoder_cfg = to_plain(decoder_cfg)
+        self._keep_base_arguments(base)
         self.gene_decoder_bool = bool(kwargs.get("gene_decoder_bool", True))
         # Registered (as None) up front so the decoder keeps arc-state's first position in the
         # parameter order even when on_load_checkpoint adds it later.
         self.register_module("gene_decoder", None)
         if builds_gene_decoder(self._hparam_record):
             self.gene_decoder = build_gene_decoder(self.decoder_cfg)
+
+    def _keep_base_arguments(self, base: Mapping[str, Any]) -> None:
+        """The base arguments as typed attributes (``self.input_dim``, ``self.lr``, ...)."""
+        self.input_dim = int(base["input_dim"])
+        self.hidden_dim = int(base["hidden_dim"])
+        self.output_dim = int(base["output_dim"])
+        self.pert_dim = int(base["pert_dim"])
+        self.batch_dim = None if base["batch_dim"] is None else int(base["batch_dim"])
+        self.dropout = float(base["dropout"])
+        self.lr = float(base["lr"])
+        self.control_pert = base["control_pert"]
+        self.embed_key = base["embed_key"]
+        self.output_space = base["output_space"]
+        self.gene_names = to_plain(base["gene_names"])
+        self.batch_size = base["batch_size"]
+        self.gene_dim = int(base["gene_dim"]) if base["gene_dim"] is not None else None
+        self.hvg_dim = int(base["hvg_dim"]) if base["hvg_dim"] is not None else None
+        self.decoder_cfg = to_plain(base["decoder_cfg"])
 
     # ----------------------------------------------------------------- hyper-parameters
     def add_hparams(self, values: Mapping[str, Any]) -> None:

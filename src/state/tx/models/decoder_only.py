@@ -4,7 +4,7 @@ It measures how well expression can be recovered from the embedding alone. Predi
 ``preds = pert_cell_emb`` (in ``infer``: the cell's own features), so the latent is perfect by
 construction and all error is the decoder's. Training: the gene decoder maps ``pert_cell_emb`` sets
 [B, S, D] to expression and is scored against ``pert_cell_counts`` with the set loss of
-``loss``/``distributional_loss`` (S = ``cell_set_len``, i.e. ``transformer_backbone_kwargs.n_positions``).
+``loss``/``distributional_loss`` (S = the set length the data loader uses, saved as ``cell_set_len``).
 ``train_loss`` is logged as 0 (the latent loss), ``decoder_loss`` and ``val_loss`` are the decoder's
 set loss. Without expression targets (e.g. ``embed_key=X_hvg`` with ``output_space=gene``) there is
 nothing to train and every loss is 0.
@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.config.architecture import TransitionConfig
 from state.tx.models.base import PerturbationModel
 from state.tx.models.zoo_common import NamedCheckpointMixin, flat_rows
 from state.tx.nn.losses import SetLoss
+
+DEFAULT_SET_LEN = 512  # the GPT2 template's cell_set_len
 
 
 class DecoderOnlyPerturbationModel(NamedCheckpointMixin, PerturbationModel):
@@ -28,8 +31,7 @@ class DecoderOnlyPerturbationModel(NamedCheckpointMixin, PerturbationModel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        backbone = kwargs.get("transformer_backbone_kwargs") or {}
-        self.cell_set_len = int(backbone.get("n_positions") or kwargs.get("cell_set_len") or 512)
+        self.cell_set_len = TransitionConfig.from_hparams(kwargs, default_set_len=DEFAULT_SET_LEN).set_len
         self.set_loss = SetLoss(str(kwargs.get("loss", "energy")),
                                 distributional_loss=str(kwargs.get("distributional_loss", "energy")),
                                 blur=float(kwargs.get("blur", 0.05)))

@@ -1,6 +1,8 @@
 """One registry from ``model.name`` (case-insensitive, with arc-state's aliases) to a LightningModule.
 
-``train``, ``predict`` and ``infer`` all dispatch through here; nothing else branches on model names.
+``train``, ``predict`` and ``infer`` all dispatch through here; nothing else branches on model names:
+what differs between models (cells per step, extra logging, how infer loads them) is a field of
+their :class:`ModelEntry`.
 """
 
 from __future__ import annotations
@@ -8,71 +10,14 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# model_entry, ModelEntry and MODEL_NAME_KEY stay importable from here for the callers of the registry.
+from state.tx.models.entries import ENTRIES, MODEL_NAME_KEY, ModelEntry, model_entry  # noqa: F401
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registered model: where its class lives and how ``train`` treats it."""
-
-    canonical: str
-    target: str  # "module:Class", imported only when the model is used
-    forced_max_steps: int | None = None  # statistics baselines finish in one step
-    passes_basal_mapping_strategy: bool = False  # arc-state adds this kwarg for the state model only
-    checkpoint_marker: str | None = None  # a top-level checkpoint key that identifies the class
-    one_set_per_batch: bool = False  # arc-state forces training.batch_size=1 (cells per batch = set length)
-    manual_optimization: bool = False  # the module steps its own optimizers: no Trainer gradient clipping
-
-
-_ENTRIES: tuple[ModelEntry, ...] = (
-    ModelEntry("state", "state.tx.models.state_transition:StateTransitionPerturbationModel",
-               passes_basal_mapping_strategy=True),
-    ModelEntry("perturb_mean", "state.tx.models.mean_baselines:PerturbMeanPerturbationModel",
-               forced_max_steps=1, checkpoint_marker="pert_mean_offsets"),
-    ModelEntry("context_mean", "state.tx.models.mean_baselines:ContextMeanPerturbationModel",
-               forced_max_steps=1, checkpoint_marker="celltype_pert_means"),
-    ModelEntry("embedsum", "state.tx.models.embedsum:EmbedSumPerturbationModel"),
-    ModelEntry("old_neuralot", "state.tx.models.state_variants:OldNeuralOTPerturbationModel"),
-    ModelEntry("decoder_only", "state.tx.models.decoder_only:DecoderOnlyPerturbationModel"),
-    ModelEntry("pseudobulk", "state.tx.models.state_variants:PseudobulkPerturbationModel"),
-    ModelEntry("cpa", "state.tx.models.cpa:CPAPerturbationModel", one_set_per_batch=True,
-               manual_optimization=True),
-    ModelEntry("scvi", "state.tx.models.scvi:ScVIPerturbationModel", one_set_per_batch=True),
-    ModelEntry("scgpt-genetic", "state.tx.models.scgpt:ScGPTPerturbationModel", one_set_per_batch=True),
-    ModelEntry("scgpt-chemical", "state.tx.models.scgpt:ScGPTPerturbationModel", one_set_per_batch=True),
-)
-# Top-level checkpoint key our zoo models write with their canonical name (arc-state never wrote one).
-MODEL_NAME_KEY = "state_tx_model"
-_BY_NAME = {entry.canonical: entry for entry in _ENTRIES}
-# arc-state's alternative spellings of the same models.
-ALIASES: dict[str, str] = {
-    "neuralot": "state",
-    "pertsets": "state",
-    "globalsimplesum": "perturb_mean",
-    "celltypemean": "context_mean",
-}
-
-
-def available_models() -> list[str]:
-    """Every accepted ``model.name`` (canonical names and arc-state's aliases)."""
-    return sorted([e.canonical for e in _ENTRIES] + list(ALIASES))
-
-
-def model_entry(name: Any) -> ModelEntry:
-    """Look a ``model.name`` up (case-insensitive, aliases allowed); unknown names raise a one-line StateError."""
-    key = str(name).strip().lower()
-    key = ALIASES.get(key, key)
-    entry = _BY_NAME.get(key)
-    choices = ", ".join(available_models())
-    if entry is None:
-        raise StateError(f"unknown model.name '{name}'", hint=f"use one of: {choices} (e.g. model=state)")
-    return entry
 
 
 def model_class(name: Any) -> type:
@@ -127,10 +72,10 @@ def entry_for_checkpoint(checkpoint: Mapping[str, Any], model_name: Any = None) 
         return model_entry(model_name)
     if checkpoint.get(MODEL_NAME_KEY):
         return model_entry(checkpoint[MODEL_NAME_KEY])
-    for entry in _ENTRIES:
+    for entry in ENTRIES:
         if entry.checkpoint_marker and entry.checkpoint_marker in checkpoint:
             return entry
-    return _BY_NAME["state"]
+    return model_entry("state")
 
 
 def load_model_checkpoint(path: str | Path, *, model_name: Any = None, **overrides: Any):
@@ -152,7 +97,7 @@ def load_inference_module(path: str | Path, *, model_name: Any = None):
     :class:`~state.tx.infer.net.TransitionInferenceModel` (no Lightning import); other models as
     their LightningModule."""
     checkpoint, entry = _read_tx_checkpoint(path, model_name)
-    if entry.canonical == "state":
+    if entry.lightning_free_inference:
         from state.tx.infer.net import TransitionInferenceModel
 
         return TransitionInferenceModel.from_checkpoint(checkpoint, path=path)

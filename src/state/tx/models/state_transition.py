@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.config.architecture import TransitionConfig
 from state.tx.models.base import PerturbationModel, to_plain
 from state.tx.nn.backbones import match_position_table
 from state.tx.nn.losses import SetLoss
@@ -90,10 +91,14 @@ class StateTransitionPerturbationModel(PerturbationModel):
                 "finetune_vci_decoder=true is not supported (arc-state loads an SE checkpoint from fixed paths)",
                 hint="set model.kwargs.finetune_vci_decoder=false",
             )
-        self.cell_set_len = int(kwargs.get("cell_set_len", 128))
-        self.extra_tokens = int(kwargs.get("extra_tokens", 0))
-        backbone_kwargs = to_plain(dict(transformer_backbone_kwargs or {}))
-        backbone_kwargs["n_positions"] = self.cell_set_len + self.extra_tokens
+        arch = TransitionConfig.from_hparams({
+            **self._hparam_record,
+            "transformer_backbone_key": transformer_backbone_key,
+            "transformer_backbone_kwargs": to_plain(dict(transformer_backbone_kwargs or {})),
+        })
+        self.cell_set_len = arch.set_len
+        self.extra_tokens = arch.extra_tokens
+        backbone_kwargs = arch.backbone_hparams()
         self.add_hparams(
             {
                 "basal_mapping_strategy": basal_mapping_strategy,
@@ -112,7 +117,10 @@ class StateTransitionPerturbationModel(PerturbationModel):
             **transition_net_kwargs(self._hparam_record, has_gene_decoder=self.gene_decoder is not None)
         )
         adopt_net_parts(self, net)
+        self._set_up_losses(kwargs, distributional_loss)
 
+    def _set_up_losses(self, kwargs: Mapping[str, Any], distributional_loss: str) -> None:
+        """The set losses and the weights of the auxiliary terms, from model.kwargs (arc-state's defaults)."""
         loss_kind = str(kwargs.get("loss", "energy"))
         loss_options = {
             "distributional_loss": distributional_loss,

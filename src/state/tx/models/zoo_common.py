@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from state.tx.models.registry import MODEL_NAME_KEY
+from state.tx.models.entries import MODEL_NAME_KEY
 
 LR_DECAY_PER_STEP = 0.9  # multiplicative decay each ``step_size_lr`` epochs
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.config.architecture import TransitionConfig
 from state.tx.nn.backbones import apply_lora, build_backbone, identity_attention_mask
 from state.tx.nn.mlp import activation_class, build_mlp
 from state.tx.nn.tokens import ConfidenceToken, prepend_token
@@ -37,10 +38,9 @@ def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool)
     keywords): the one place that decides how config keys and their defaults shape the network, used
     both when training (inside Lightning) and when ``infer`` rebuilds the net without Lightning.
     ``has_gene_decoder``: whether the model was built with a gene decoder (it decides the final ReLU).
+    The shapes (dims, backbone, positions) come from :class:`TransitionConfig`.
     """
-    backbone_kwargs = dict(hparams.get("transformer_backbone_kwargs") or {})
-    n_positions = int(hparams.get("cell_set_len", 128)) + int(hparams.get("extra_tokens", 0))
-    backbone_kwargs["n_positions"] = n_positions
+    arch = TransitionConfig.from_hparams(hparams)
     use_batch_token = bool(hparams.get("use_batch_token", False))
     if use_batch_token and (
         hparams.get("batch_encoder", False) or hparams.get("basal_mapping_strategy", "random") == "random"
@@ -48,13 +48,13 @@ def transition_net_kwargs(hparams: Mapping[str, Any], *, has_gene_decoder: bool)
         log.info("use_batch_token disabled (it needs batch-matched controls and no batch encoder)")
         use_batch_token = False
     return {
-        "input_dim": int(hparams["input_dim"]),
-        "hidden_dim": int(hparams["hidden_dim"]),
-        "output_dim": int(hparams["output_dim"]),
-        "pert_dim": int(hparams["pert_dim"]),
-        "batch_dim": None if hparams.get("batch_dim") is None else int(hparams["batch_dim"]),
-        "backbone_key": hparams.get("transformer_backbone_key", "llama"),
-        "backbone_kwargs": backbone_kwargs,
+        "input_dim": arch.input_dim,
+        "hidden_dim": arch.hidden_dim,
+        "output_dim": arch.output_dim,
+        "pert_dim": arch.pert_dim,
+        "batch_dim": arch.batch_dim,
+        "backbone_key": arch.backbone_key,
+        "backbone_kwargs": arch.backbone_hparams(),
         "n_encoder_layers": int(hparams.get("n_encoder_layers", 2)),
         "n_decoder_layers": int(hparams.get("n_decoder_layers", 2)),
         "dropout": float(hparams.get("dropout", 0.1)),
@@ -148,28 +148,36 @@ class StateTransitionNet(nn.Module):
                 nn.Linear(output_dim, bottleneck), nn.GELU(), nn.Linear(bottleneck, output_dim)
             )
 
-        self.register_module("batch_encoder", None)
-        if use_batch_encoder and batch_dim:
-            self.batch_encoder = nn.Embedding(int(batch_dim), hidden_dim)
-
-        self.register_module("batch_classifier", None)
-        self.register_parameter("batch_token", None)
-        if use_batch_token and batch_dim:
-            self.batch_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
-            self.batch_classifier = build_mlp(hidden_dim, int(batch_dim), n_layers=1, **mlp)
-
+        # Registered in this order after project_out: the checkpoint's key order depends on it.
+        self._add_batch_parts(batch_dim if use_batch_encoder else None, batch_dim if use_batch_token else None, mlp)
         self.register_module("confidence_token", None)
         if use_confidence_token:
             self.confidence_token = ConfidenceToken(hidden_dim, dropout=dropout)
 
         self.relu = nn.ReLU() if final_relu else None
-
         if freeze_backbone:
-            for name, param in self.transformer_backbone.named_parameters():
-                if "lora_" not in name:
-                    param.requires_grad_(False)
-            for param in self.project_out.parameters():
+            self._freeze_backbone()
+
+    def _add_batch_parts(self, encoder_batches: int | None, token_batches: int | None, mlp: dict) -> None:
+        """The batch embedding added to every cell, and the batch token with its classifier (each only
+        when asked for and the data have batches)."""
+        hidden_dim = mlp["hidden_dim"]
+        self.register_module("batch_encoder", None)
+        if encoder_batches:
+            self.batch_encoder = nn.Embedding(int(encoder_batches), hidden_dim)
+        self.register_module("batch_classifier", None)
+        self.register_parameter("batch_token", None)
+        if token_batches:
+            self.batch_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
+            self.batch_classifier = build_mlp(hidden_dim, int(token_batches), n_layers=1, **mlp)
+
+    def _freeze_backbone(self) -> None:
+        """Freeze the backbone (its LoRA adapters still train) and the output projection."""
+        for name, param in self.transformer_backbone.named_parameters():
+            if "lora_" not in name:
                 param.requires_grad_(False)
+        for param in self.project_out.parameters():
+            param.requires_grad_(False)
 
     def forward(
         self,
@@ -208,3 +216,4 @@ class StateTransitionNet(nn.Module):
         if self.relu is not None:
             y = self.relu(y)
         return TransitionOutput(preds=y, confidence=confidence, batch_logits=batch_logits)
+

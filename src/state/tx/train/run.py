@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from state.tx import rundir
+from state.tx.config.architecture import TransitionConfig, model_set_length
 from state.tx.data import module as tx_data
 from state.tx.models import registry
 from state.utils.errors import StateError
@@ -54,7 +55,7 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
 
 def _validate(cfg: Any) -> None:
     try:
-        from state.tx.config.compose import validate_tx_config
+        from state.tx.config.validate import validate_tx_config
     except ImportError:  # config module not present (partial install): structural checks below still run
         validate_tx_config = None
     if validate_tx_config is not None:
@@ -65,50 +66,32 @@ def _validate(cfg: Any) -> None:
                          hint="compose it with `state tx train` or state.tx.config.compose.compose_tx_config")
 
 
-def sentence_length(model_cfg: Mapping[str, Any]) -> int:
-    """Cells per set for the data loader, looked up where arc-state looks (§4.1 step 1)."""
-    kwargs = model_cfg.get("kwargs") or {}
-    backbone = kwargs.get("transformer_backbone_kwargs") or {}
-    name = str(model_cfg.get("name", "")).lower()
-    candidates = [model_cfg.get("cell_set_len")]
-    if name in ("cpa", "scvi", "scgpt-genetic", "scgpt-chemical"):
-        candidates.append(kwargs.get("cell_sentence_len"))
-    candidates += [backbone.get("n_positions"), backbone.get("max_position_embeddings"), kwargs.get("cell_set_len")]
-    for value in candidates:
-        if value is not None:
-            return int(value)
-    raise StateError("cannot tell the cell set length of this model",
-                     hint="add +model.kwargs.transformer_backbone_kwargs.n_positions=<cells per set>")
+def set_length(model_cfg: Mapping[str, Any]) -> int:
+    """Cells per set for the data loader and the model (the one rule: config.architecture.cells_per_set)."""
+    length = model_set_length(model_cfg)
+    if length is None:
+        raise StateError("cannot tell the cell set length of this model",
+                         hint="add +model.kwargs.transformer_backbone_kwargs.n_positions=<cells per set>")
+    return length
 
 
-def decoder_config(model_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any], output_space: str) -> dict | None:
-    """The gene decoder arc-state attaches for gene/all output spaces (§4.1 step 5)."""
-    if output_space == "embedding":
-        return None
-    gene_dim = var_dims.get("hvg_dim") if output_space == "gene" else var_dims.get("gene_dim")
-    return {
-        "latent_dim": var_dims["output_dim"],
-        "gene_dim": gene_dim or 2000,
-        "hidden_dims": list(model_kwargs.get("decoder_hidden_dims") or [1024, 1024, 512]),
-        "dropout": model_kwargs.get("decoder_dropout") or 0.1,
-        "residual_decoder": model_kwargs.get("residual_decoder") or False,
-    }
-
-
-def _model_kwargs(plain: Mapping[str, Any], var_dims: Mapping[str, Any], output_space: str) -> dict[str, Any]:
-    kwargs = dict(plain["model"].get("kwargs") or {})
-    decoder = decoder_config(kwargs, var_dims, output_space)
-    if decoder is None:
-        kwargs.pop("decoder_cfg", None)
-        kwargs["gene_decoder_bool"] = False
-    else:
-        kwargs["decoder_cfg"] = decoder
-    return kwargs
+def _batch_shape(plain: dict[str, Any]) -> tuple[int, int]:
+    """(sets per batch, cells per set); a one-set model's ``training.batch_size`` becomes 1 in ``plain``."""
+    training, model_name = plain["training"], plain["model"]["name"]
+    batch_size = int(training.get("batch_size", 16))
+    set_len = set_length(plain["model"])
+    if registry.model_entry(model_name).sets_per_batch(batch_size, set_len) != batch_size:
+        log.info("training.batch_size=%d -> 1 for %s (cells per step = cell_sentence_len=%d)",
+                 batch_size, model_name, set_len)
+        batch_size = training["batch_size"] = 1
+    return batch_size, set_len
 
 
 def _build_model(plain: Mapping[str, Any], data_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any]):
     training = {k: v for k, v in plain["training"].items() if k not in OWN_TRAINING_KEYS}
-    model_kwargs = _model_kwargs(plain, var_dims, data_kwargs.get("output_space", "gene"))
+    arch = TransitionConfig.from_model_config(
+        plain["model"], var_dims=var_dims, output_space=data_kwargs.get("output_space", "gene"))
+    model_kwargs = arch.model_kwargs(plain["model"].get("kwargs") or {})
     try:
         return registry.build_lightning_module(
             plain["model"]["name"], data_kwargs=data_kwargs, model_kwargs=model_kwargs,
@@ -174,7 +157,7 @@ def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> l
         ),
         BatchSpeedMonitor(interval=50),
     ]
-    if registry.model_entry(model_name).canonical == "state":
+    if registry.model_entry(model_name).extra_training_logs:
         from state.tx.train.flops import FlopsMonitor
 
         callbacks.append(GradientNormLogger())
@@ -273,13 +256,7 @@ def _train(cfg: Any) -> TrainResult:
     training = plain["training"]
     is_rank_zero = global_rank() == 0
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
-    batch_size = int(training.get("batch_size", 16))
-    set_len = sentence_length(plain["model"])
-    if registry.model_entry(model_name).one_set_per_batch and set_len > 1 and batch_size != 1:
-        # arc-state (§4.1 step 1): these baselines see one set of cell_sentence_len cells per step.
-        log.info("training.batch_size=%d -> 1 for %s (cells per step = cell_sentence_len=%d)",
-                 batch_size, model_name, set_len)
-        batch_size = training["batch_size"] = 1
+    batch_size, set_len = _batch_shape(plain)
     tx_data.check_data_inputs(data_kwargs)
     if is_rank_zero:
         plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
