@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from state.utils.errors import StateError
+from state.utils.errors import StateError, first_line
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -141,7 +141,7 @@ class Head:
         try:
             module.load_state_dict(state)
         except (RuntimeError, TypeError) as exc:
-            raise StateError(f"{folder / WEIGHTS_FILE} does not match {meta_path}: {str(exc).splitlines()[0]}",
+            raise StateError(f"{folder / WEIGHTS_FILE} does not match {meta_path}: {first_line(exc)}",
                              hint="keep head.pt and head.json from the same save") from exc
         return cls(module=module, task=meta["task"], embed_key=meta["embed_key"], target=meta["target"],
                    in_dim=int(meta["in_dim"]), hidden=tuple(meta["hidden"]), classes=meta["classes"],

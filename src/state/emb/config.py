@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from state.config_paths import configs_dir
-from state.utils.errors import StateError, collect_errors
+from state.utils.errors import StateError, collect_errors, first_line
 
 DEFAULTS_FILE = "state-defaults.yaml"
 _MISSING = "???"
@@ -43,7 +43,7 @@ def _load_yaml(path: Path, *, what: str) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError or an OmegaConf error: both mean "not a usable YAML"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise StateError(f"{what} {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(cfg, DictConfig):
         raise StateError(f"{what} {str(path)!r} must hold a mapping of sections, not a list")
@@ -57,7 +57,7 @@ def _apply_override(cfg: DictConfig, text: str, *, defaults: DictConfig) -> None
     try:
         override = OverridesParser.create().parse_override(text)
     except HydraException as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise StateError(
             f"cannot parse the override {text!r}: {first}",
             hint="write key=value (quote values with spaces or commas: key='a,b'; lists as key=[a,b])",
@@ -92,7 +92,7 @@ def _apply_override(cfg: DictConfig, text: str, *, defaults: DictConfig) -> None
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise StateError(f"cannot apply the override {text!r}: {first}") from None
 
 

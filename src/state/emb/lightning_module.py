@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from state.emb.nn import SEArchitecture, StateEmbeddingNet, build_loss, dataset_loss, read_depth
 from state.io.safe_load import placeholder_to_plain, safe_torch_load
 from state.utils.errors import StateError
+from state.utils.plain import resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,11 @@ GENE_TABLE_KEY = "pe_embedding.weight"
 
 
 def plain_config(cfg: Any) -> dict:
-    """A config as plain, resolved Python data (safe to pickle into checkpoints)."""
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(placeholder_to_plain(cfg))
+    """A config as plain, resolved Python data (safe to pickle into checkpoints).
+
+    Configs read back from arc-state checkpoints arrive as OmegaConf placeholders; they become data first.
+    """
+    return resolved_config(cfg if isinstance(cfg, DictConfig) else placeholder_to_plain(cfg))
 
 
 class StateEmbeddingModel(L.LightningModule):

@@ -20,7 +20,7 @@ import pandas as pd
 
 from state.io.atomic import atomic_path
 from state.io.h5ad import open_h5ad, read_obs
-from state.utils.errors import StateError
+from state.utils.errors import StateError, first_line
 from state.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def search_batch(table, vectors: np.ndarray, *, k: int, filter: str | None) -> p
     except Exception as exc:  # LanceDB raises various types for bad SQL
         if not filter:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise StateError(f"LanceDB rejected --filter {filter!r}: {first}",
                          hint="use a SQL-like expression on stored columns, e.g. cell_type = 'B cell'") from exc
     if "query_index" not in frame.columns:  # single-vector searches have no query_index

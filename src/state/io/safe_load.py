@@ -16,7 +16,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from state.utils.errors import StateError
+from state.utils.errors import StateError, first_line
 
 # (module, name) pairs that are resolved to the real object. All are data constructors that
 # cannot run arbitrary code.
@@ -210,7 +210,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "torch file", map_lo
         raise StateError(f"{path}: {exc}", hint="only load files from sources you trust; re-create it") from exc
     except (RuntimeError, EOFError, ValueError) as exc:
         raise StateError(
-            f"{path} is not a readable {what} ({str(exc).splitlines()[0]})",
+            f"{path} is not a readable {what} ({first_line(exc)})",
             hint="check that the file is complete and was written by torch.save / Lightning",
         ) from exc
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
 
+from state.utils.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +113,7 @@ def make_wandb_logger(*, run_name: str, project: str, entity: str | None = None,
             (run_dir / "wandb_path.txt").write_text(f"{run_path}\n")
         return logger
     except Exception as exc:  # any W&B failure: warn and carry on with CSV
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         log.warning("wandb logging disabled: %s (W&B could not start; continuing with %s only)", reason, csv_file)
         return None
 

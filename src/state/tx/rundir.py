@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from state.io.atomic import atomic_path, atomic_torch_save, atomic_write_text
 from state.io.safe_load import safe_pickle_load, safe_torch_load
-from state.utils.errors import StateError
+from state.utils.errors import StateError, first_line
+from state.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +120,6 @@ def write_data_module_state(run_dir: Path, data_module: Any) -> Path:
     return target
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/strings -> Python values (for JSON)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def write_maps(run_dir: Path, data_module: Any) -> None:
     """The three one-hot maps exactly as arc-state saves them, plus readable name lists."""
     maps = {
@@ -152,7 +140,7 @@ def write_var_dims(run_dir: Path, var_dims: Mapping[str, Any]) -> None:
     """``var_dims.pkl`` (arc-state's pickle, numpy types kept) and ``var_dims.json`` + ``vocab/genes.tsv``."""
     with atomic_path(run_dir / VAR_DIMS_FILE) as tmp, tmp.open("wb") as fh:
         pickle.dump(dict(var_dims), fh)
-    summary = {k: _plain(v) for k, v in var_dims.items() if k not in ("gene_names", "pert_names")}
+    summary = {k: to_plain(v, str_keys=True) for k, v in var_dims.items() if k not in ("gene_names", "pert_names")}
     atomic_write_text(run_dir / VAR_DIMS_JSON, json.dumps(summary, indent=1, sort_keys=True) + "\n")
     genes = [str(g) for g in var_dims.get("gene_names") or []]
     atomic_write_text(run_dir / VOCAB_DIR / GENES_FILE, "gene_name\n" + "".join(f"{g}\n" for g in genes))
@@ -181,7 +169,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise StateError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raise StateError(f"{path} is not valid YAML ({first_line(exc)})") from exc
     if not isinstance(cfg, dict):
         raise StateError(f"{path} does not hold a config mapping")
     return cfg
@@ -218,7 +206,7 @@ def _pickled_var_dims(run_dir: Path) -> dict[str, Any] | None:
     raw = safe_pickle_load(pkl, what="var_dims.pkl")
     if not isinstance(raw, dict):
         raise StateError(f"{pkl} does not hold a dict", hint="re-create the run directory")
-    return {k: _plain(v) for k, v in raw.items()}
+    return {k: to_plain(v, str_keys=True) for k, v in raw.items()}
 
 
 def read_var_dims(run_dir: str | Path) -> dict[str, Any]:

@@ -32,6 +32,17 @@ class StateError(Exception):
         return self.message
 
 
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (or its type name when it has none).
+
+    Library errors often carry multi-line messages or tracebacks; a user-facing error quotes one line.
+    """
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
 def collect_errors(problems: list[str], *, context: str) -> None:
     """Raise one :class:`StateError` listing every problem found, or return if there are none."""
     if not problems:

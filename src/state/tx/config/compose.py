@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from state.config_paths import configs_dir
-from state.utils.errors import StateError
+from state.utils.errors import StateError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def compose_tx_config(overrides: Sequence[str] = ()) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise StateError(
-            f"the config has an interpolation that does not resolve: {_first_line(exc)}",
+            f"the config has an interpolation that does not resolve: {first_line(exc)}",
             hint="interpolations name absolute keys, e.g. ${model.kwargs.hidden_dim}",
         ) from None
     OmegaConf.set_struct(cfg, False)
@@ -81,7 +81,7 @@ def _compose(overrides: list[str]) -> DictConfig:
                 raise _composition_error(str(exc), pending) from None
             pending = promoted
         except (HydraException, OmegaConfBaseException) as exc:
-            raise StateError(f"cannot compose the tx config: {_first_line(exc)}") from None
+            raise StateError(f"cannot compose the tx config: {first_line(exc)}") from None
     raise StateError("cannot compose the tx config: conflicting overrides " + " ".join(overrides))
 
 
@@ -106,7 +106,7 @@ def _check_override_syntax(overrides: list[str]) -> None:
             override = parser.parse_override(text)
         except HydraException as exc:
             raise StateError(
-                f"cannot parse the override {text!r}: {_first_line(exc)}",
+                f"cannot parse the override {text!r}: {first_line(exc)}",
                 hint="write key=value (quote values with spaces or commas: key='a,b'; lists as key=[a,b])",
             ) from None
         if override.is_sweep_override():
@@ -158,7 +158,7 @@ def _composition_error(message: str, overrides: list[str]) -> StateError:
     if match := _DELETE_MISSING.search(message):
         key = match.group(1)
         return StateError(f"cannot delete {key!r}: the config has no such key", hint="drop the ~ override")
-    return StateError(f"cannot compose the tx config: {_first_line(message)}")
+    return StateError(f"cannot compose the tx config: {first_line(message)}")
 
 
 def _closest_key(key: str, overrides: list[str]) -> str | None:
@@ -192,12 +192,7 @@ def _missing_choice_error(exc: Exception, overrides: list[str]) -> StateError:
             f"unknown {group} choice {choice!r} in override {text!r}",
             hint=f"available {group} choices: {', '.join(groups[group])}",
         )
-    return StateError(f"config {missing!r} not found: {_first_line(exc)}")
-
-
-def _first_line(exc: Exception | str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return StateError(f"config {missing!r} not found: {first_line(exc)}")
 
 
 # --------------------------------------------------------------------------------------------

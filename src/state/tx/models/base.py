@@ -31,27 +31,11 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from state.tx.nn.decoders import build_gene_decoder, builds_gene_decoder, decoder_cfg_from_state_dict
+from state.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SPACES = ("embedding", "gene", "all")
-
-
-def to_plain(value: Any) -> Any:
-    """Recursively convert numpy / OmegaConf values to plain Python (dict, list, str, int, ...)."""
-    if isinstance(value, Mapping):
-        return {to_plain(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
-    if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return to_plain(OmegaConf.to_container(value, resolve=True))
-    if type(value).__module__ == "numpy":
-        if hasattr(value, "tolist"):
-            return to_plain(value.tolist())
-        return value.item()
-    return value
 
 
 def adam(params: Any, *, lr: float, fused: bool = True) -> torch.optim.Adam:

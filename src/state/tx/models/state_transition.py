@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from state.tx.config.architecture import TransitionConfig
-from state.tx.models.base import PerturbationModel, to_plain
+from state.tx.models.base import PerturbationModel
 from state.tx.nn.backbones import match_position_table
 from state.tx.nn.losses import SetLoss
 from state.tx.nn.set_forward import predict_sets
@@ -49,6 +49,7 @@ from state.tx.nn.state_transition import (
     transition_net_kwargs,
 )
 from state.utils.errors import StateError
+from state.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from state.tx.data import module as tx_data
 from state.tx.models import registry
 from state.utils.errors import StateError
 from state.utils.logging import global_rank
+from state.utils.plain import resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last value of every logged metric
     global_step: int = 0
     resumed_from: Path | None = None
-
-
-def _plain_config(cfg: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except Exception as exc:  # an unresolvable ${...}
-            raise StateError(f"the config cannot be resolved: {str(exc).splitlines()[0]}") from exc
-    return dict(cfg)
 
 
 def _validate(cfg: Any) -> None:
@@ -252,7 +242,7 @@ def _train(cfg: Any) -> TrainResult:
     model_name = (cfg.get("model") or {}).get("name")
     registry.model_class(model_name)  # unknown / unimplemented models fail before any other check
     _validate(cfg)
-    plain = _plain_config(cfg)
+    plain = resolved_config(cfg)
     training = plain["training"]
     is_rank_zero = global_rank() == 0
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
