@@ -1,4 +1,4 @@
-"""Load an SE checkpoint for inference, safely (spec emb §1.2 and §3.5).
+"""Load an SE checkpoint for inference, safely.
 
 Everything goes through :func:`state.io.safe_load.safe_torch_load` (no code from the file runs).
 The architecture is read from state-dict shapes (only ``nhead`` comes from the hyper-parameters or
@@ -173,7 +173,7 @@ def check_se_state_dict(state_dict: dict[str, Any], source: Path) -> None:
 
 
 def infer_architecture(state_dict: dict[str, torch.Tensor], *, nhead: int, num_datasets_hint: int = 1) -> SEArchitecture:
-    """Sizes from tensor shapes (spec emb §3.5); ``nhead`` cannot be read from shapes."""
+    """Sizes from tensor shapes; ``nhead`` cannot be read from shapes."""
     token_dim = state_dict["cls_token"].shape[1]
     d_model, _ = state_dict["encoder.0.weight"].shape
     output_dim = state_dict["decoder.1.weight"].shape[0]

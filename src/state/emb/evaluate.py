@@ -1,4 +1,4 @@
-"""``state emb eval``: perturbation / differential-expression sanity check of an SE checkpoint (spec emb §7.2).
+"""``state emb eval``: perturbation / differential-expression sanity check of an SE checkpoint.
 
 Scores every (cell, gene) with the binary decoder, averages per perturbation, and compares the genes
 that move most against control with scanpy's ``rank_genes_groups`` on the log1p data. Prints the
@@ -29,7 +29,7 @@ class EvalResult:
 
 
 def _log_rows(x: np.ndarray) -> np.ndarray:
-    """Per-row raw-count heuristic of §5.4 on dense rows (clip, log1p when raw)."""
+    """The SE tokenizer's per-row raw-count heuristic (state.emb.tokenize) on dense rows (clip, log1p when raw)."""
     x = np.nan_to_num(np.clip(x.astype(np.float32), 0, None))
     with np.errstate(over="ignore"):
         raw = (x.max(1) > 35) | (np.expm1(x.astype(np.float64)).sum(1) > 5_000_000)

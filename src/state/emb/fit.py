@@ -1,4 +1,4 @@
-"""``state emb fit``: SE pretraining (spec §1.1, §4.4).
+"""``state emb fit``: SE pretraining.
 
 ``fit(cfg)`` is a pure function of the composed config (used by the CLI, tests and benchmarks).
 It runs on CPU, one GPU, or many GPUs / nodes through Lightning: ``experiment.num_gpus_per_node``

@@ -1,9 +1,9 @@
-"""``StateEmbeddingModel``: the LightningModule that trains the SE network (spec §3.1, §3.4, §4.4).
+"""``StateEmbeddingModel``: the LightningModule that trains the SE network.
 
 It wraps the plain :class:`~state.emb.nn.model.StateEmbeddingNet` (attribute ``net``) and owns the
 loss, the metrics and the optimizer / LR schedule. Checkpoints keep arc-state's layout: the
-state-dict keys have no ``net.`` prefix, ``hyper_parameters`` holds the constructor arguments of
-§3.1, and the top level carries ``cfg_yaml`` and ``protein_embeds_dict``. Unlike arc-state, ``cfg``
+state-dict keys have no ``net.`` prefix, ``hyper_parameters`` holds the constructor arguments
+below, and the top level carries ``cfg_yaml`` and ``protein_embeds_dict``. Unlike arc-state, ``cfg``
 is stored as a plain dict and ``collater`` as None, so our checkpoints load without running code.
 """
 

@@ -1,4 +1,4 @@
-"""``state emb preprocess``: build an SE profile from train / validation CSVs (spec §1.5, §7.1).
+"""``state emb preprocess``: build an SE profile from train / validation CSVs.
 
 Writes to ``--output-dir``: ``all_embeddings_<p>.pt`` (gene -> vector; one-hot vectors over the
 sorted union of genes when ``--all-embeddings`` is absent), ``ds_emb_mapping_<p>.torch``

@@ -1,4 +1,4 @@
-"""Cell sentences for the SE model (spec emb §5.3-5.4): gene mapping, ranking, sampling, counts.
+"""Cell sentences for the SE model: gene mapping, ranking, sampling, counts.
 
 Works on CSR row blocks without densifying them. Sampling randomness comes from an explicit
 ``numpy.random.Generator`` per block of ``SAMPLING_BLOCK`` rows, seeded from ``(seed, block index)``
@@ -137,7 +137,7 @@ def block_rng(seed: int | None, block_index: int) -> np.random.Generator:
 class SentenceBuilder:
     """Turn expression rows into (gene ids, counts) sentences of length ``pad_length``.
 
-    Per cell (spec emb §5.4): negatives clipped, raw counts log1p'd (max > 35 or sum(expm1) > 5e6),
+    Per cell: negatives clipped, raw counts log1p'd (max > 35 or sum(expm1) > 5e6),
     genes outside the vocabulary dropped, weights w = x / sum(x) (uniform if the sum is 0).
     Slots 1.. hold the top-expressed genes (ties in random order), then random zero-expression
     genes (without replacement when the cell has >= pad_length - 1 vocabulary genes, with

@@ -1,4 +1,4 @@
-"""``state emb transform``: embed the cells of an h5ad with an SE checkpoint (spec emb §1.2, §5).
+"""``state emb transform``: embed the cells of an h5ad with an SE checkpoint.
 
 Unlike arc-state (which loads the whole file), the input is streamed: CSR row blocks or dense row
 slices are read straight from the HDF5 file, embedded, and written into the output as they come

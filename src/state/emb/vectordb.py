@@ -1,4 +1,4 @@
-"""LanceDB store of SE embeddings (spec emb §6) and ``state emb query``.
+"""LanceDB store of SE embeddings and ``state emb query``.
 
 Table ``state_embeddings``; one row per cell: ``vector`` (fixed-size float32 list, what LanceDB
 infers from arc-state's Python lists), ``cell_id`` (obs name), ``embedding_key``, ``dataset``

@@ -4,7 +4,7 @@ An input of ``state tx infer`` (and of ``api.Run.predict``) has a perturbation c
 label, maybe a cell-type column and a batch column, and features (``.X`` or an obsm matrix).
 :class:`ColumnChoices` holds what the caller asked for, with ``state tx infer``'s defaults (None
 means "decide"); :func:`resolve_columns` turns it, once per input, into :class:`InputColumns`:
-auto-detection as arc-state 0.11.1 does it (tx_spec section 8.2-8.3) and every named column or
+auto-detection as arc-state 0.11.1 does it and every named column or
 obsm key checked to exist, with one-line errors spelled for the CLI (``--pert-col``) or the API
 (``pert_col``).
 """

@@ -270,7 +270,7 @@ def read_map(run_dir: str | Path, kind: str) -> dict[str, Any] | None:
     return {str(k): torch.as_tensor(v, dtype=torch.float32) for k, v in raw.items()}
 
 
-# The checkpoint a command reads when none is named (arc-state 0.11.1, tx_spec sections 1.3, 1.4).
+# The checkpoint a command reads when none is named, as in arc-state 0.11.1.
 PREDICT_CHECKPOINT = "last.ckpt"
 INFER_CHECKPOINT = "final.ckpt"  # also the Python API's (api.load_run)
 

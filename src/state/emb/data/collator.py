@@ -1,4 +1,4 @@
-"""Turn cells into SE training batches: a ranked "cell sentence" plus task genes (spec §4.3, §5.4).
+"""Turn cells into SE training batches: a ranked "cell sentence" plus task genes.
 
 For every cell the collator builds
 

@@ -1,4 +1,4 @@
-"""A map-style dataset over the cells of many h5ad files (spec §4.1-4.2)."""
+"""A map-style dataset over the cells of many h5ad files."""
 
 from __future__ import annotations
 

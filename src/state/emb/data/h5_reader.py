@@ -1,4 +1,4 @@
-"""Streaming row access to h5ad files with h5py (spec §4.2).
+"""Streaming row access to h5ad files with h5py.
 
 Only the requested cell is read: for CSR ``X`` the ``indptr`` pair, then that row's slice of
 ``data`` / ``indices``; for dense ``X`` one row. Files stay open in a small per-process LRU cache.

@@ -1,4 +1,4 @@
-"""Dataset tables: the per-split CSVs that list the training / validation h5ad files (spec §4.1).
+"""Dataset tables: the per-split CSVs that list the training / validation h5ad files.
 
 Columns: ``names`` (dataset id), ``path`` (h5ad), ``num_cells``, ``num_genes`` and optionally
 ``species`` and ``groupid_for_de``. Rows are de-duplicated and sorted by name; a dataset's

@@ -1,6 +1,6 @@
 """Building blocks of the State Embedding (SE) network.
 
-Parameter names follow arc-state's state-dict layout (spec emb §3.2) so checkpoints load both ways.
+Parameter names follow arc-state's state-dict layout so checkpoints load both ways.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training losses of the SE model (spec emb §3.4), as plain functions and modules.
+"""Training losses of the SE model, as plain functions and modules.
 
 Every loss takes decoder scores ``pred`` and targets ``target`` of shape [cells, genes] (the
 P + N (+ S) task genes of each cell) and returns a scalar tensor. ``build_loss`` maps arc-state's

@@ -1,6 +1,6 @@
 """The State Embedding (SE) network as a plain ``nn.Module`` (no Lightning).
 
-Forward pass and parameter layout follow spec emb §3.2-3.3 exactly, so arc-state checkpoints load
+Forward pass and parameter layout follow arc-state's SE network exactly, so arc-state checkpoints load
 into :class:`StateEmbeddingNet` and checkpoints saved from it load into arc-state.
 """
 

@@ -99,7 +99,7 @@ def trained_set_length(
 def gene_decoder_config(
     model_kwargs: Mapping[str, Any], var_dims: Mapping[str, Any], output_space: str
 ) -> dict[str, Any] | None:
-    """The gene decoder arc-state attaches for gene/all output spaces (spec §4.1 step 5), key order kept."""
+    """The gene decoder arc-state attaches for gene/all output spaces, key order kept."""
     if output_space == "embedding":
         return None
     gene_dim = var_dims.get("hvg_dim") if output_space == "gene" else var_dims.get("gene_dim")

@@ -44,7 +44,9 @@ def write_predictions(
     embed_key: str | None,
     output_space: str,
 ) -> ad.AnnData:
-    """Put predictions in the slots arc-state uses (tx_spec section 8, step 8).
+    """Put predictions in the slots arc-state uses: ``.X`` or ``obsm['X_state_pred']`` without an embed
+    key; ``obsm[embed_key]`` (or ``<embed_key>_pred`` when widths differ) with one; decoded gene counts in
+    ``obsm['X_hvg']`` / ``.X``. Gene-space values are clipped to [0, CLIP_MAX] as arc-state does.
 
     ``preds`` is clipped in place (it is ours to consume): a clipped copy would add one more
     output-sized array to the peak memory.

@@ -1,6 +1,6 @@
 """Shared LightningModule base for every tx model (State Transition and the baselines).
 
-Constructor contract (mirrors how arc-state's ``train`` builds a model, spec §4.1 step 6): one
+Constructor contract (mirrors how arc-state's ``train`` builds a model): one
 flat keyword dict made of ``model.kwargs`` + the whole ``training`` dict + ``embed_key``,
 ``output_space``, ``gene_names``, ``batch_size``, ``control_pert`` and the dims ``input_dim,
 gene_dim, hvg_dim, output_dim, pert_dim, batch_dim`` (+ ``decoder_cfg`` inside model.kwargs).
@@ -15,7 +15,9 @@ containers are converted), so our checkpoints load with ``torch.load(weights_onl
 Subclass contract:
 * implement ``forward(batch, padded=True) -> Tensor [N, output_dim]`` (the latent prediction);
 * optionally override ``extra_prediction_outputs(batch, padded)`` to add keys to predict_step;
-* ``predict_step(batch, batch_idx, padded=True)`` returns the dict of spec §4.7;
+* ``predict_step(batch, batch_idx, padded=True)`` returns arc-state's output dict (``preds``, ``pert_cell_emb``,
+  ``pert_cell_counts``, ``pert_name``, ``celltype_name``, ``batch``, ``ctrl_cell_emb``, the two
+  barcodes, and the decoded ``pert_cell_counts_preds`` when a gene decoder exists);
 * the optimizer is one ``Adam(self.parameters(), lr)`` over ALL parameters in registration order
   (frozen ones included), so arc-state optimizer states line up when resuming.
 """
@@ -176,7 +178,7 @@ class PerturbationModel(LightningModule):
         return self(batch, padded=padded), {}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, padded: bool = True, **_: Any):
-        """Run the model on one collated batch and return the spec §4.7 dict.
+        """Run the model on one collated batch and return arc-state's predict_step dict.
 
         ``padded=True``: the batch holds B full sets of ``cell_set_len`` cells (training layout);
         ``padded=False``: the batch is ONE set of any length (predict / infer).

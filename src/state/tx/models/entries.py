@@ -29,7 +29,7 @@ class ModelEntry:
 
     def sets_per_batch(self, requested: int, set_len: int) -> int:
         """``training.batch_size`` as trained: a one-set model sees one set of ``set_len`` cells per
-        step (arc-state, spec §4.1 step 1), every other model ``requested`` sets."""
+        step (as arc-state does), every other model ``requested`` sets."""
         return 1 if self.one_set_per_batch and set_len > 1 else requested
 
 

@@ -15,7 +15,7 @@ Every keyword ends up in ``hyper_parameters`` (same keys as arc-state 0.11.1 for
 :func:`state.tx.checkpoint.load_state_transition` (safe, no code execution), or Lightning's
 ``load_from_checkpoint`` for our own trusted files.
 
-Batches are cell-load dicts (spec §3.7): ``pert_emb`` [N, P], ``ctrl_cell_emb`` [N, D_in],
+Batches are cell-load dicts: ``pert_emb`` [N, P], ``ctrl_cell_emb`` [N, D_in],
 ``pert_cell_emb`` [N, D_out] (targets), optional ``batch`` (one-hot [N, C] or ints [N]) and
 ``pert_cell_counts`` [N, G]. ``padded=True`` (training/validation) reshapes N = B * cell_set_len
 into B sets; ``padded=False`` (test/predict/infer) treats the N cells as one set of any length.

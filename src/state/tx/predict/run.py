@@ -1,6 +1,6 @@
 """``state tx predict``: predict a run's test split and score it with cell-eval.
 
-Layout of the outputs follows arc-state 0.11.1 (tx_spec section 7) so downstream scripts keep
+Layout of the outputs follows arc-state 0.11.1 so downstream scripts keep
 working: ``<run>/eval_<checkpoint>/adata_pred.h5ad`` and ``adata_real.h5ad`` (one row per
 predicted cell, or per (context, perturbation) with ``--pseudobulk``), plus cell-eval's CSVs per
 cell type. Unlike arc-state, ``var`` carries gene names, the run directory may have been moved

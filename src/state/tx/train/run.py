@@ -20,6 +20,7 @@ from typing import Any
 
 from state.tx import rundir
 from state.tx.config.architecture import TransitionConfig, model_set_length
+from state.tx.config.validate import validate_tx_config
 from state.tx.data import module as tx_data
 from state.tx.models import registry
 from state.utils.errors import StateError
@@ -44,12 +45,7 @@ class TrainResult:
 
 
 def _validate(cfg: Any) -> None:
-    try:
-        from state.tx.config.validate import validate_tx_config
-    except ImportError:  # config module not present (partial install): structural checks below still run
-        validate_tx_config = None
-    if validate_tx_config is not None:
-        validate_tx_config(cfg)
+    validate_tx_config(cfg)
     missing = [key for key in ("data", "model", "training", "name", "output_dir") if key not in cfg]
     if missing:
         raise StateError(f"the config lacks top-level key(s) {', '.join(missing)}",
@@ -95,7 +91,8 @@ def _build_model(plain: Mapping[str, Any], data_kwargs: Mapping[str, Any], var_d
 
 
 def _apply_init_from(model: Any, init_from: Any) -> None:
-    """Fine-tuning start (§4.10): copy the weights whose names and shapes match; the rest stay fresh."""
+    """Fine-tuning start (``model.kwargs.init_from``): copy the weights whose names and shapes match;
+    the rest stay fresh."""
     if not init_from:
         return
     from state.tx.checkpoint import read_checkpoint
