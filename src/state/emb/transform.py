@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -141,24 +142,11 @@ def transform(
     from state.emb.checkpoint import load_se_model
     from state.emb.embed import SEEmbedder
     from state.emb.tokenize import SAMPLING_BLOCK, map_genes
-    from state.emb.vectordb import (
-        check_database_path,
-        check_table_compatible,
-        record_schema,
-        write_embeddings,
-    )
-    from state.io.atomic import atomic_path, ensure_parent_writable
+    from state.emb.vectordb import check_table_compatible, record_schema, write_embeddings
     from state.utils.progress import progress
 
-    if output is None and lancedb is None:
-        raise StateError("nothing to write", hint="pass --output FILE (.h5ad or .npy) and/or --lancedb DIR")
-    if batch_size is not None and batch_size < 1:
-        raise StateError(f"--batch-size must be at least 1, got {batch_size}", hint="pass a positive batch size")
+    _check_targets(output, lancedb, batch_size)
     input_path = Path(input)
-    if output is not None:
-        ensure_parent_writable(output)
-    if lancedb is not None:
-        check_database_path(lancedb, must_exist=False)
     chunk_rows = max(SAMPLING_BLOCK, chunk_rows // SAMPLING_BLOCK * SAMPLING_BLOCK)
 
     with contextlib.ExitStack() as stack:
@@ -174,43 +162,78 @@ def transform(
         shape = (len(obs), embedder.width)
         if lancedb is not None:
             check_table_compatible(Path(lancedb), record_schema(embedder.width, obs))
-
-        to_npy = output is not None and str(output).lower().endswith(".npy")
-        rewrite_with_anndata = output is not None and not to_npy and reader.kind == "csc"
-        if output is not None:
-            tmp = stack.enter_context(atomic_path(output))
-        else:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(lancedb).parent))) / "emb.npy"
-        h5_out = None
-        if to_npy or output is None or rewrite_with_anndata:
-            store_path = tmp if to_npy or output is None else tmp.with_name(tmp.name + ".emb.npy")
-            store = np.lib.format.open_memmap(store_path, mode="w+", dtype=np.float32, shape=shape)
-            if store_path != tmp:
-                stack.callback(lambda p=store_path: Path(p).unlink(missing_ok=True))
-        else:
-            h5_out, store = _prepare_h5ad_copy(input_path, tmp, embed_key, shape)
-            stack.callback(h5_out.close)
+        target = _open_target(stack, input_path, output, lancedb, embed_key, shape, csc_input=reader.kind == "csc")
 
         bar = stack.enter_context(progress(total=shape[0], desc="embedding", unit="cell"))
         for first, emb in embedder.embed_chunks(reader.chunks(chunk_rows)):
-            store[first : first + emb.shape[0]] = emb
+            target.store[first : first + emb.shape[0]] = emb
             bar.update(emb.shape[0])
 
         if lancedb is not None:
-            write_embeddings(lancedb, store, obs, embed_key=embed_key, dataset=input_path.stem or "unknown",
+            write_embeddings(lancedb, target.store, obs, embed_key=embed_key, dataset=input_path.stem or "unknown",
                              batch_size=lancedb_batch_size)
-        if isinstance(store, np.memmap):
-            store.flush()
-        if rewrite_with_anndata:
+        target.finish(input_path, embed_key)
+    outputs = [str(p) for p in (output, lancedb) if p is not None]
+    log.info("embedded %d cells (width %d) -> %s", shape[0], shape[1], ", ".join(outputs))
+    return TransformResult(n_cells=shape[0], width=shape[1], outputs=outputs)
+
+
+def _check_targets(output, lancedb, batch_size: int | None) -> None:
+    """Refuse before any work: nothing to write, a bad batch size, an unwritable output or database path."""
+    from state.emb.vectordb import check_database_path
+    from state.io.atomic import ensure_parent_writable
+
+    if output is None and lancedb is None:
+        raise StateError("nothing to write", hint="pass --output FILE (.h5ad or .npy) and/or --lancedb DIR")
+    if batch_size is not None and batch_size < 1:
+        raise StateError(f"--batch-size must be at least 1, got {batch_size}", hint="pass a positive batch size")
+    if output is not None:
+        ensure_parent_writable(output)
+    if lancedb is not None:
+        check_database_path(lancedb, must_exist=False)
+
+
+@dataclass
+class _Target:
+    """Where the embeddings go while they are computed: ``store`` is an [n_cells, width] array view."""
+
+    tmp: Path  # the temp file that becomes the output (or a scratch .npy for a LanceDB-only run)
+    store: Any
+    h5_out: Any = None  # open h5py handle when embedding straight into an h5ad copy
+    rewrite_with_anndata: bool = False  # CSC input: rewrite the h5ad with anndata at the end
+
+    def finish(self, input_path: Path, embed_key: str) -> None:
+        if isinstance(self.store, np.memmap):
+            self.store.flush()
+        if self.rewrite_with_anndata:
             import anndata
 
             adata = anndata.read_h5ad(input_path)
             adata.X = sp.csr_matrix(adata.X)
-            adata.obsm[embed_key] = np.asarray(store)
-            adata.write_h5ad(tmp)
-        if h5_out is not None:
-            h5_out.close()
-        del store
-    outputs = [str(p) for p in (output, lancedb) if p is not None]
-    log.info("embedded %d cells (width %d) -> %s", shape[0], shape[1], ", ".join(outputs))
-    return TransformResult(n_cells=shape[0], width=shape[1], outputs=outputs)
+            adata.obsm[embed_key] = np.asarray(self.store)
+            adata.write_h5ad(self.tmp)
+        if self.h5_out is not None:
+            self.h5_out.close()
+        self.store = None
+
+
+def _open_target(stack: contextlib.ExitStack, input_path: Path, output, lancedb, embed_key: str,
+                 shape: tuple[int, int], *, csc_input: bool) -> _Target:
+    """A .npy memmap (npy output, LanceDB only, or CSC input) or the obsm dataset of an h5ad copy."""
+    from state.io.atomic import atomic_path
+
+    to_npy = output is not None and str(output).lower().endswith(".npy")
+    rewrite_with_anndata = output is not None and not to_npy and csc_input
+    if output is not None:
+        tmp = stack.enter_context(atomic_path(output))
+    else:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(lancedb).parent))) / "emb.npy"
+    if to_npy or output is None or rewrite_with_anndata:
+        store_path = tmp if to_npy or output is None else tmp.with_name(tmp.name + ".emb.npy")
+        store = np.lib.format.open_memmap(store_path, mode="w+", dtype=np.float32, shape=shape)
+        if store_path != tmp:
+            stack.callback(lambda p=store_path: Path(p).unlink(missing_ok=True))
+        return _Target(tmp, store, rewrite_with_anndata=rewrite_with_anndata)
+    h5_out, store = _prepare_h5ad_copy(input_path, tmp, embed_key, shape)
+    stack.callback(h5_out.close)
+    return _Target(tmp, store, h5_out=h5_out)
