@@ -111,3 +111,45 @@ def test_the_walk_finds_a_circle_hidden_in_a_function(tmp_path):
     assert find_circles(graph) == [["pkg.a", "pkg.b"]]
     (pkg / "b.py").write_text("def g():\n    return 1\n")
     assert find_circles(import_graph(tmp_path, "pkg")) == []
+
+
+# The floors of docs/architecture.md: a module imports only from its own top-level part or lower floors.
+FLOORS = {
+    "utils": 0, "config_paths": 0,
+    "io": 1,
+    "training": 2,
+    "tx": 3, "emb": 3,
+    "datasets": 4, "heads": 4,
+    "api": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in graph.items():
+        own = _part(module)
+        for target in targets:
+            other = _part(target)
+            if not own or not other or other == own:
+                continue  # the package root (version, lazy API re-exports) is not a floor
+            if own in ("tx", "emb") and other in ("tx", "emb") or FLOORS[other] > FLOORS[own]:
+                found.append(f"{module} -> {target}")
+    return sorted(found)
+
+
+def test_imports_go_down_the_floors_and_tx_emb_stay_apart():
+    graph = import_graph()
+    assert set(map(_part, graph)) - {""} <= set(FLOORS), "a new top-level part needs a floor in FLOORS"
+    assert upward_imports(graph) == []
+
+
+def test_the_floor_rule_catches_an_upward_import():
+    graph = {"state.utils.x": {"state.tx.y"}, "state.tx.y": {"state.emb.z"}, "state.cli.a": {"state.io.b"}}
+    assert upward_imports(graph) == ["state.tx.y -> state.emb.z", "state.utils.x -> state.tx.y"]
