@@ -274,3 +274,13 @@ def test_num_workers_capped_at_usable_cpus():
     cpus = usable_cpu_count()
     assert cap_num_workers(cpus + 10) == cpus
     assert cap_num_workers(0) == 0
+
+
+def test_parser_defaults_are_the_run_directory_rule():
+    # The parser stays import-light (no rundir import), so this test holds the two spellings together.
+    from state.cli import build_parser
+
+    predict = build_parser().parse_args(["tx", "predict", "--output-dir", "run"])
+    infer = build_parser().parse_args(["tx", "infer", "--model-dir", "m", "--adata", "a.h5ad"])
+    assert predict.checkpoint == rundir.PREDICT_CHECKPOINT
+    assert infer.checkpoint in (None, rundir.INFER_CHECKPOINT)
