@@ -120,6 +120,21 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _data_dims(source: Mapping[str, Any]) -> dict[str, int | None]:
+    """The widths the data fixes (var_dims at train time; the same keys in saved hyper_parameters)."""
+    return {key: _optional_int(source.get(key)) for key in ("input_dim", "output_dim", "pert_dim", "batch_dim")}
+
+
+def _model_sizes(source: Mapping[str, Any]) -> dict[str, Any]:
+    """The sizes the model config fixes (model.kwargs at train time; the same keys in hyper_parameters)."""
+    return {
+        "extra_tokens": int(source.get("extra_tokens") or 0),
+        "hidden_dim": _optional_int(source.get("hidden_dim")),
+        "backbone_key": str(source.get("transformer_backbone_key", "llama")),
+        "backbone_kwargs": source.get("transformer_backbone_kwargs") or {},
+    }
+
+
 @dataclass(frozen=True)
 class TransitionConfig:
     """What shapes a tx model: set length and positions, dims, backbone, gene decoder.
@@ -166,15 +181,9 @@ class TransitionConfig:
             return None
         return cls(
             set_len=set_len,
-            extra_tokens=int(kwargs.get("extra_tokens") or 0),
             one_set_per_batch=_one_set_per_batch(model_cfg.get("name")),
-            input_dim=_optional_int(var_dims.get("input_dim")),
-            hidden_dim=_optional_int(kwargs.get("hidden_dim")),
-            output_dim=_optional_int(var_dims.get("output_dim")),
-            pert_dim=_optional_int(var_dims.get("pert_dim")),
-            batch_dim=_optional_int(var_dims.get("batch_dim")),
-            backbone_key=str(kwargs.get("transformer_backbone_key", "llama")),
-            backbone_kwargs=kwargs.get("transformer_backbone_kwargs") or {},
+            **_data_dims(var_dims),
+            **_model_sizes(kwargs),
             decoder=gene_decoder_config(kwargs, var_dims, output_space),
         )
 
@@ -187,15 +196,9 @@ class TransitionConfig:
         set_len = cells_per_set(hparams, one_set_per_batch=one_set_per_batch, saved=True)
         return cls(
             set_len=default_set_len if set_len is None else set_len,
-            extra_tokens=int(hparams.get("extra_tokens") or 0),
             one_set_per_batch=one_set_per_batch,
-            input_dim=_optional_int(hparams.get("input_dim")),
-            hidden_dim=_optional_int(hparams.get("hidden_dim")),
-            output_dim=_optional_int(hparams.get("output_dim")),
-            pert_dim=_optional_int(hparams.get("pert_dim")),
-            batch_dim=_optional_int(hparams.get("batch_dim")),
-            backbone_key=str(hparams.get("transformer_backbone_key", "llama")),
-            backbone_kwargs=hparams.get("transformer_backbone_kwargs") or {},
+            **_data_dims(hparams),
+            **_model_sizes(hparams),
             decoder=hparams.get("decoder_cfg"),
         )
 
