@@ -68,3 +68,12 @@ def stats(args: argparse.Namespace) -> int:
     from state.tx.stats import stats_cli
 
     return stats_cli(args)
+
+
+def index(args: argparse.Namespace) -> int:
+    from state.tx.data.layout import index_toml
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    index_toml(args.toml, keys=keys, pert_col=args.pert_col, cell_type_key=args.cell_type_key,
+               batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir)  # logs each layout
+    return 0
