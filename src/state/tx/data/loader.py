@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -263,13 +264,28 @@ def _quiet_worker(_: int) -> None:
 
 
 class LayoutDataLoader(DataLoader):
-    """A DataLoader over whole batches (the dataset builds each batch; no collation)."""
+    """A DataLoader over whole batches whose place in the epoch survives a checkpoint.
 
-    def __init__(self, dataset: LayoutSetDataset, *, num_workers: int, pin_memory: bool) -> None:
+    Lightning saves ``state_dict()`` in every checkpoint and, when it resumes inside an epoch, hands it
+    to ``load_state_dict`` before iterating: the epoch's plan is recomputed from (seed, epoch) and the
+    batches already trained on are skipped, so the resumed run sees the rest of the same epoch.
+    """
+
+    def __init__(self, dataset: LayoutSetDataset, *, num_workers: int, pin_memory: bool,
+                 progress: Callable[[], int] | None = None) -> None:
         super().__init__(dataset, sampler=EpochBatchSampler(dataset), batch_size=None, collate_fn=_whole_batch,
                          num_workers=num_workers, pin_memory=pin_memory,
                          prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
+        self.progress = progress  # batches of this epoch the trainer has processed
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else 0
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state.get("epoch", 0)))
+        self.sampler.skip = int(state.get("batches_done", 0))
 
 
 def batch_spec(dm: Any, windows: int, seed: int) -> BatchSpec:
@@ -291,8 +307,19 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _trainer_progress(dm: Any) -> Callable[[], int]:
+    def processed() -> int:
+        try:
+            return int(dm.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except (AttributeError, RuntimeError):  # not attached to a trainer
+            return 0
+
+    return processed
+
+
 def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], *, windows: int, seed: int,
                       num_workers: int) -> LayoutDataLoader:
     rank, world = distributed_rank()
     dataset = LayoutSetDataset(groups, tables, batch_spec(dm, windows, seed), rank=rank, world_size=world)
-    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                            progress=_trainer_progress(dm))
