@@ -251,3 +251,4 @@ def test_ranks_draw_disjoint_sets():
 def test_part_sizes_sum_to_the_set_length():
     assert part_sizes(10, 4).tolist() == [3, 3, 2, 2]
     assert part_sizes(3, 8).tolist() == [1, 1, 1]
+
