@@ -171,6 +171,22 @@ def _swap_in(tmp: Path, target: Path) -> None:
         tmp.replace(target)
 
 
+def _pread_rows(fd: int, rows: np.ndarray, out: np.ndarray, base: int) -> None:
+    """out[i] = bytes of fixed-size record rows[i] of the file (records start at ``base``)."""
+    if len(rows) == 0:
+        return
+    record = out.strides[0]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for first, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
+        target = memoryview(out[first:stop]).cast("B")
+        offset = base + int(rows[first]) * record
+        while len(target):
+            got = os.preadv(fd, [target], offset)
+            if got <= 0:
+                raise OSError(f"short read from the layout (fd {fd}, offset {offset})")
+            target, offset = target[got:], offset + got
+
+
 @dataclass
 class Layout:
     """An opened layout (matrices are mapped lazily, per process)."""
@@ -181,7 +197,7 @@ class Layout:
     groups: dict[str, np.ndarray]
 
     def __post_init__(self) -> None:
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -198,10 +214,30 @@ class Layout:
         inverse[self.order] = np.arange(len(self.order), dtype=np.int64)
         return inverse
 
-    def barcodes(self) -> np.ndarray:
+    def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = matrix(key)[rows[i]], one positioned read per run of consecutive rows.
+
+        Reads go straight into ``out`` (no memory map), so a worker's resident memory stays the size
+        of its batches however much of the layout it has read.
+        """
+        _pread_rows(self._fd(f"{key}.f32"), rows, out, 0)
+
+    def read_barcodes(self, rows: np.ndarray) -> np.ndarray:
         if "barcodes" not in self._maps:
-            self._maps["barcodes"] = np.load(self.path / "barcodes.npy", mmap_mode="r")
-        return self._maps["barcodes"]
+            header = np.load(self.path / "barcodes.npy", mmap_mode="r")
+            self._maps["barcodes"] = (header.dtype, int(header.offset))
+            del header
+        dtype, offset = self._maps["barcodes"]
+        out = np.empty(len(rows), dtype=dtype)
+        _pread_rows(self._fd("barcodes.npy"), rows, out.view(np.uint8).reshape(len(rows), dtype.itemsize), offset)
+        return out
+
+    def _fd(self, name: str) -> int:
+        cached = self._maps.get(("fd", name))
+        if cached is None or cached[0] != os.getpid():  # a forked worker opens its own descriptor
+            cached = (os.getpid(), os.open(self.path / name, os.O_RDONLY))
+            self._maps[("fd", name)] = cached
+        return cached[1]
 
     def matrix(self, key: str) -> np.ndarray:
         if key not in self._maps:

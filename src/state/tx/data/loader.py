@@ -104,17 +104,6 @@ def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, li
     return groups, tables
 
 
-def copy_rows(matrix: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = matrix[rows[i]], one slice per run of consecutive rows."""
-    if len(rows) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts, ends = np.r_[0, breaks], np.r_[breaks, len(rows)]
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        first = int(rows[s])
-        out[s:e] = matrix[first:first + (e - s)]
-
-
 @dataclass
 class BatchSpec:
     """What a batch holds (cell-load's collate for these data module settings)."""
@@ -173,12 +162,12 @@ class LayoutSetDataset(Dataset):
         view = out.numpy()
         for f in np.unique(cell_file).tolist():
             at = np.flatnonzero(cell_file == f)
-            matrix = self.tables[f].layout.matrix(key)
+            lay = self.tables[f].layout
             if len(at) == len(rows):
-                copy_rows(matrix, rows, view)
+                lay.read_rows(key, rows, view)
             else:
                 part = np.empty((len(at), width), np.float32)
-                copy_rows(matrix, rows[at], part)
+                lay.read_rows(key, rows[at], part)
                 view[at] = part
         return out
 
@@ -232,7 +221,7 @@ class LayoutSetDataset(Dataset):
         out = np.empty(len(rows), dtype=object)
         for f in np.unique(cell_file).tolist():
             at = np.flatnonzero(cell_file == f)
-            out[at] = np.char.decode(self.tables[f].layout.barcodes()[rows[at]], "utf-8")
+            out[at] = np.char.decode(self.tables[f].layout.read_barcodes(rows[at]), "utf-8")
         return out.tolist()
 
 
