@@ -71,14 +71,25 @@ def test_layout_is_group_sorted_copy_and_rewrite_is_repeatable(synth):
     for g in range(len(table["start"])):
         rows = lay.order[table["start"][g]:table["stop"][g]]
         for col, name in zip(codes, ("cell_type", "batch", "pert")):
-            assert set(col[rows].tolist()) == {int(table[name][g])}
-    keys = list(zip(table["cell_type"].tolist(), table["batch"].tolist(), table["pert"].tolist()))
+            assert name == "batch" or set(col[rows].tolist()) == {int(table[name][g])}
+    np.testing.assert_array_equal(lay.batch_codes(), codes[1][lay.order])
+    keys = list(zip(table["cell_type"].tolist(), table["pert"].tolist()))
     assert keys == sorted(keys) and len(set(keys)) == len(keys)  # sorted, one run per group
     again = layouts.index_toml(synth["toml"], keys=["X_hvg"], layout_dir=synth["lay"], seed=3, pert_col="gene",
                                cell_type_key="cell_type", batch_col="gem_group")
     np.testing.assert_array_equal(layouts.open_layout(synth["data"], synth["lay"]).order, lay.order)
     assert [p.name for p in synth["lay"].iterdir()] == [again[0].name]  # no temp folders left behind
     assert _sha(synth["data"]) == before  # the source stays untouched
+
+
+def test_by_batch_layout_nests_batch_runs(synth, tmp_path):
+    layouts.index_toml(synth["toml"], keys=["X_hvg"], layout_dir=tmp_path / "b", seed=0, pert_col="gene",
+                       cell_type_key="cell_type", batch_col="gem_group", by_batch=True)
+    lay = layouts.open_layout(synth["data"], tmp_path / "b")
+    keys = list(zip(lay.groups["cell_type"].tolist(), lay.groups["pert"].tolist(), lay.groups["batch"].tolist()))
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    for g, batch in enumerate(lay.groups["batch"].tolist()):
+        assert set(lay.batch_codes()[lay.groups["start"][g]:lay.groups["stop"][g]].tolist()) == {batch}
 
 
 def test_layout_goes_stale_when_the_source_changes(synth):
@@ -132,7 +143,7 @@ def test_split_and_control_pools_equal_cell_loads_on_bundled_tomls(tmp_path, mon
         lay = tmp_path / f"lay-{toml.stem}"
         _index(toml, lay)
         dm = _data_module(toml, lay)
-        groups, tables = groups_from_data_module(dm, lay)
+        groups, tables, _ = groups_from_data_module(dm, lay)
         ours = set()
         for g, rows in enumerate(groups.rows):
             table = tables[int(groups.file[g])]
@@ -178,7 +189,7 @@ def test_draw_frequency_matches_cell_loads_expectation():
     for epoch in range(epochs):
         plan = epoch_plan(groups, set_len=set_len, windows=3, batch_size=2, seed=int(rng.integers(1e6)), epoch=epoch)
         for i in range(len(plan.group)):
-            rows, ctrl = set_rows(groups, plan, i, set_len, 0, epoch)
+            rows, ctrl, _ = set_rows(groups, plan, i, set_len, 0, epoch)
             assert len(rows) == len(ctrl) == set_len and set(ctrl.tolist()) <= set(range(100, 130))
             np.add.at(counts, rows, 1)
     for n, a in zip(sizes, starts[:-1]):
@@ -252,3 +263,19 @@ def test_part_sizes_sum_to_the_set_length():
     assert part_sizes(10, 4).tolist() == [3, 3, 2, 2]
     assert part_sizes(3, 8).tolist() == [1, 1, 1]
 
+
+
+def test_vocabulary_rows_equal_the_map_for_wide_one_hot_and_dense_maps():
+    from state.tx.data.loader import Vocabulary
+
+    names = [f"p{i}" for i in range(100)]
+    one_hot = {n: torch.eye(100)[i] for i, n in enumerate(names)}
+    dense = {n: torch.randn(7) for n in names}
+    for mapping in (one_hot, dense):
+        vocab = Vocabulary.from_map(mapping)
+        assert (vocab.hot is not None) == (mapping is one_hot)
+        index = vocab.index_of(["p5", "p99", "unknown", "p5"])
+        rows = vocab.rows(index)
+        assert torch.equal(rows[0], mapping["p5"]) and torch.equal(rows[1], mapping["p99"])
+        assert torch.equal(rows[3], mapping["p5"]) and not rows[2].any()  # unknown name: zeros
+        assert vocab.names[index].tolist() == ["p5", "p99", "", "p5"]

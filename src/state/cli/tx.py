@@ -140,4 +140,6 @@ def _add_index(sub) -> None:
                    help="obs cell type column")
     p.add_argument("--batch-col", "--batch_col", dest="batch_col", default="gem_group", help="obs batch column")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each group")
+    _bool_flag(p, "--by-batch", "--by_batch",
+               help="sort by (cell type, perturbation, batch): contiguous groups for basal_mapping_strategy=batch")
     p.set_defaults(handler="state.cli.tx_handlers:index")

@@ -75,5 +75,6 @@ def index(args: argparse.Namespace) -> int:
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     index_toml(args.toml, keys=keys, pert_col=args.pert_col, cell_type_key=args.cell_type_key,
-               batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir)  # logs each layout
+               batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir,
+               by_batch=args.by_batch)  # logs each layout
     return 0

@@ -6,10 +6,12 @@ lie next to each other, a set is a few contiguous slices. ``state tx index`` wri
 h5/h5ad file of a split TOML (``<file>.state_layout/``), or under ``--layout-dir``:
 
 * ``<key>.f32``: the obsm matrix ``key`` as raw little-endian float32, one row per cell, rows
-  sorted by (cell type, batch, perturbation) and shuffled within each group with a seed;
+  sorted by (cell type, perturbation) and shuffled within each group with a seed (see
+  :func:`layout_order`; ``--by-batch`` adds the batch to the key);
 * ``order.npy``: layout row -> row of the source file (int64);
-* ``groups.npz``: the group table: ``cell_type``, ``batch``, ``pert`` (codes of the file's obs
-  categories) and ``start``/``stop`` (layout rows of the group's run);
+* ``groups.npz``: the group table: ``cell_type``, ``pert``, ``batch`` (codes of the file's obs
+  categories; batch -1 unless sorted by batch) and ``start``/``stop`` (layout rows of the group's run);
+* ``batch.npy``: batch code per layout row; ``barcodes.npy``: obs names per layout row;
 * ``meta.json``: source path, size and mtime (a changed source makes the layout stale), columns,
   matrix widths, seed.
 
@@ -83,15 +85,25 @@ def read_barcodes(handle: h5py.File, n_cells: int) -> np.ndarray:
     return values.astype(bytes)
 
 
-def layout_order(ct: np.ndarray, batch: np.ndarray, pert: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """Layout row -> source row, and the group table of the sorted rows."""
+def layout_order(ct: np.ndarray, batch: np.ndarray, pert: np.ndarray, seed: int,
+                 by_batch: bool = False) -> tuple[np.ndarray, dict]:
+    """Layout row -> source row, and the group table of the sorted rows.
+
+    Rows are sorted by (cell type, perturbation) and shuffled within each group, so that a training set
+    (cell-load's default groups are (cell type, perturbation) with controls pooled per cell type)
+    is a few contiguous windows that mix the group's batches as cell-load's random draw does. With
+    ``by_batch`` the key is (cell type, perturbation, batch): every (batch, cell type, perturbation)
+    group of ``basal_mapping_strategy=batch`` is one run as well, nested in its (cell type,
+    perturbation) run, at the price of sets that mix fewer batches under the random strategy.
+    """
     noise = np.random.default_rng(seed).random(len(ct))
-    order = np.lexsort((noise, pert, batch, ct)).astype(np.int64)
-    keys = np.stack([ct[order], batch[order], pert[order]])
+    order = np.lexsort((noise, batch, pert, ct) if by_batch else (noise, pert, ct)).astype(np.int64)
+    keys = np.stack([ct[order], pert[order]] + ([batch[order]] if by_batch else []))
     change = np.flatnonzero(np.any(keys[:, 1:] != keys[:, :-1], axis=0)) + 1
     starts = np.r_[0, change].astype(np.int64) if len(order) else np.zeros(0, np.int64)
     stops = np.r_[starts[1:], len(order)].astype(np.int64)
-    table = {"cell_type": keys[0, starts], "batch": keys[1, starts], "pert": keys[2, starts],
+    table = {"cell_type": keys[0, starts], "pert": keys[1, starts],
+             "batch": keys[2, starts] if by_batch else np.full(len(starts), -1, np.int32),
              "start": starts, "stop": stops}
     return order, table
 
@@ -122,7 +134,8 @@ def _scatter_matrix(node: h5py.Dataset, target: Path, inverse: np.ndarray) -> No
 
 
 def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, cell_type_key: str,
-                 batch_col: str, seed: int = 0, layout_dir: str | os.PathLike | None = None) -> Path:
+                 batch_col: str, seed: int = 0, layout_dir: str | os.PathLike | None = None,
+                 by_batch: bool = False) -> Path:
     """Write (or rewrite) the layout of one h5/h5ad file; atomic: a finished folder or none."""
     source = Path(source).resolve()
     target = layout_path(source, layout_dir)
@@ -134,7 +147,8 @@ def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, c
     try:
         with h5py.File(source, "r") as handle:
             ct, batch, pert = (read_codes(handle, c) for c in (cell_type_key, batch_col, pert_col))
-            order, table = layout_order(ct, batch, pert, seed)
+            order, table = layout_order(ct, batch, pert, seed, by_batch)
+            np.save(tmp / "batch.npy", batch[order])
             del ct, batch, pert
             inverse = np.empty_like(order)
             inverse[order] = np.arange(len(order), dtype=np.int64)
@@ -150,7 +164,8 @@ def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, c
         np.savez(tmp / "groups.npz", **table)
         meta = {"version": LAYOUT_VERSION, "source": str(source), **_source_stamp(source), "n_cells": len(order),
                 "matrices": widths, "columns": {"pert_col": pert_col, "cell_type_key": cell_type_key,
-                                                "batch_col": batch_col}, "seed": int(seed)}
+                                                "batch_col": batch_col}, "seed": int(seed),
+                "group_by": ["cell_type", "pert", "batch"] if by_batch else ["cell_type", "pert"]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _swap_in(tmp, target)
     except BaseException:
@@ -171,14 +186,19 @@ def _swap_in(tmp: Path, target: Path) -> None:
         tmp.replace(target)
 
 
-def _pread_rows(fd: int, rows: np.ndarray, out: np.ndarray, base: int) -> None:
-    """out[i] = bytes of fixed-size record rows[i] of the file (records start at ``base``)."""
+def _pread_rows(fd: int, rows: np.ndarray, out: np.ndarray, base: int, positions: np.ndarray | None = None) -> None:
+    """out[positions[i]] = fixed-size record rows[i] of the file (records start at ``base``).
+
+    One positioned read per run that is consecutive both in the file and in ``out``.
+    """
     if len(rows) == 0:
         return
+    pos = np.arange(len(rows)) if positions is None else np.asarray(positions, dtype=np.int64)
     record = out.strides[0]
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(pos) != 1)) + 1
     for first, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
-        target = memoryview(out[first:stop]).cast("B")
+        at = int(pos[first])
+        target = memoryview(out[at:at + stop - first]).cast("B")
         offset = base + int(rows[first]) * record
         while len(target):
             got = os.preadv(fd, [target], offset)
@@ -214,23 +234,32 @@ class Layout:
         inverse[self.order] = np.arange(len(self.order), dtype=np.int64)
         return inverse
 
-    def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = matrix(key)[rows[i]], one positioned read per run of consecutive rows.
+    def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """out[positions[i]] = matrix(key)[rows[i]], one positioned read per run of consecutive rows.
 
         Reads go straight into ``out`` (no memory map), so a worker's resident memory stays the size
         of its batches however much of the layout it has read.
         """
-        _pread_rows(self._fd(f"{key}.f32"), rows, out, 0)
+        _pread_rows(self._fd(f"{key}.f32"), rows, out, 0, positions)
 
-    def read_barcodes(self, rows: np.ndarray) -> np.ndarray:
+    def barcode_dtype(self) -> np.dtype:
         if "barcodes" not in self._maps:
             header = np.load(self.path / "barcodes.npy", mmap_mode="r")
             self._maps["barcodes"] = (header.dtype, int(header.offset))
             del header
-        dtype, offset = self._maps["barcodes"]
-        out = np.empty(len(rows), dtype=dtype)
-        _pread_rows(self._fd("barcodes.npy"), rows, out.view(np.uint8).reshape(len(rows), dtype.itemsize), offset)
-        return out
+        return self._maps["barcodes"][0]
+
+    def read_barcodes(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """Like :meth:`read_rows` for the obs names (``out``: a bytes array of :meth:`barcode_dtype`)."""
+        dtype, offset = self.barcode_dtype(), self._maps["barcodes"][1]
+        records = out.view(np.uint8).reshape(len(out), dtype.itemsize)
+        _pread_rows(self._fd("barcodes.npy"), rows, records, offset, positions)
+
+    def batch_codes(self) -> np.ndarray:
+        """Batch code of every layout row (4 bytes a cell, loaded once per process)."""
+        if "batch" not in self._maps:
+            self._maps["batch"] = np.load(self.path / "batch.npy")
+        return self._maps["batch"]
 
     def _fd(self, name: str) -> int:
         cached = self._maps.get(("fd", name))
@@ -295,7 +324,8 @@ def toml_sources(toml_path: str | os.PathLike) -> list[Path]:
 
 
 def index_toml(toml_path: str | os.PathLike, *, keys: list[str], pert_col: str, cell_type_key: str,
-               batch_col: str, seed: int = 0, layout_dir: str | os.PathLike | None = None) -> list[Path]:
+               batch_col: str, seed: int = 0, layout_dir: str | os.PathLike | None = None,
+               by_batch: bool = False) -> list[Path]:
     """``state tx index``: write the layout of every file the TOML names; returns the layout folders."""
     return [write_layout(f, keys=keys, pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
-                         seed=seed, layout_dir=layout_dir) for f in toml_sources(toml_path)]
+                         seed=seed, layout_dir=layout_dir, by_batch=by_batch) for f in toml_sources(toml_path)]

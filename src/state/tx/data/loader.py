@@ -27,31 +27,74 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Vocabulary:
+    """One of cell-load's maps (name -> vector) as arrays; the last row is for names the map lacks."""
+
+    names: np.ndarray  # object array of str, index -> name
+    table: torch.Tensor  # index -> vector
+    hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
+
+    @classmethod
+    def from_map(cls, mapping: Any) -> Vocabulary:
+        names = [str(k) for k in mapping]
+        rows = [torch.as_tensor(mapping[k]).reshape(-1).float() for k in mapping]
+        width = rows[0].numel() if rows else 0
+        table = torch.stack([*rows, torch.zeros(width)])
+        hot = one_hot_columns(table[:-1]) if width > 64 else None
+        return cls(np.array([*names, ""], dtype=object), table, hot)
+
+    def index_of(self, categories: Any) -> np.ndarray:
+        """File category code -> row of this vocabulary."""
+        where = {n: i for i, n in enumerate(self.names[:-1].tolist())}
+        return np.array([where.get(str(c), len(self.names) - 1) for c in categories], dtype=np.int64)
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        out = batch_tensor((len(index), self.table.shape[1]))
+        if self.hot is None:
+            return torch.index_select(self.table, 0, torch.from_numpy(index), out=out)
+        out.zero_()
+        keep = torch.from_numpy(np.flatnonzero(index < len(self.hot)))
+        out[keep, self.hot[torch.from_numpy(index)[keep]]] = 1.0
+        return out
+
+
+@dataclass
 class FileTables:
-    """Per training file: its layout and code -> value lookups of cell-load's maps."""
+    """Per training file: its layout and its category codes as rows of the shared vocabularies."""
 
     layout: layouts.Layout
-    pert_names: np.ndarray  # object array: code -> name
-    cell_type_names: np.ndarray
-    batch_names: np.ndarray
-    pert_emb: torch.Tensor  # code -> pert_onehot_map[name]
-    cell_type_onehot: torch.Tensor
-    batch_onehot: torch.Tensor
+    pert: np.ndarray
+    cell_type: np.ndarray
+    batch: np.ndarray
     dataset_name: str
 
 
-def _lookup(names: np.ndarray, mapping: Any) -> torch.Tensor:
-    rows = [torch.as_tensor(mapping[n]) if n in mapping else None for n in names]
-    width = next((r.numel() for r in rows if r is not None), 0)
-    return torch.stack([r.reshape(-1).float() if r is not None else torch.zeros(width) for r in rows])
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 batch buffer; in a DataLoader worker it lives in shared memory from the
+    start, so handing the batch to the main process copies nothing (PyTorch would copy it there)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
-def _file_tables(ds: Any, layout: layouts.Layout, dm: Any) -> FileTables:
+def one_hot_columns(table: torch.Tensor) -> torch.Tensor | None:
+    """Column of the 1 of every row when ``table`` is a one-hot map."""
+    if table.numel() == 0 or not bool(((table == 0) | (table == 1)).all()) or not bool((table.sum(1) == 1).all()):
+        return None
+    return table.argmax(1)
+
+
+def vocabularies(dm: Any) -> dict[str, Vocabulary]:
+    return {"pert": Vocabulary.from_map(dm.pert_onehot_map), "cell_type": Vocabulary.from_map(dm.cell_type_onehot_map),
+            "batch": Vocabulary.from_map(dm.batch_onehot_map)}
+
+
+def _file_tables(ds: Any, layout: layouts.Layout, vocab: dict[str, Vocabulary]) -> FileTables:
     cache = ds.metadata_cache
-    obj = lambda values: np.array([str(v) for v in values], dtype=object)  # noqa: E731
-    perts, cts, batches = obj(cache.pert_categories), obj(cache.cell_type_categories), obj(cache.batch_categories)
-    return FileTables(layout, perts, cts, batches, _lookup(perts, dm.pert_onehot_map),
-                      _lookup(cts, dm.cell_type_onehot_map), _lookup(batches, dm.batch_onehot_map), str(ds.name))
+    return FileTables(layout, vocab["pert"].index_of(cache.pert_categories),
+                      vocab["cell_type"].index_of(cache.cell_type_categories),
+                      vocab["batch"].index_of(cache.batch_categories), str(ds.name))
 
 
 def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> list[int]:
@@ -63,11 +106,12 @@ def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> li
     return list(strategy.split_control_pool[split].get(ct, []))
 
 
-def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables]]:
+def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables], dict]:
     """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows."""
     use_batch = dm.basal_mapping_strategy == "batch"
     files: dict[str, int] = {}
     tables: list[FileTables] = []
+    vocab = vocabularies(dm)
     positions: list[np.ndarray] = []
     rows, group_file, group_pool, pools, pool_ids = [], [], [], [], {}
     for subset in dm.train_datasets:
@@ -75,7 +119,7 @@ def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, li
         key = str(ds.h5_path)
         if key not in files:
             files[key] = len(tables)
-            tables.append(_file_tables(ds, layouts.open_layout(ds.h5_path, layout_dir), dm))
+            tables.append(_file_tables(ds, layouts.open_layout(ds.h5_path, layout_dir), vocab))
             positions.append(tables[-1].layout.position_of())
         f = files[key]
         file_rows = np.asarray(ds.all_indices)[np.asarray(subset.indices, dtype=np.int64)]
@@ -101,7 +145,7 @@ def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, li
             group_file.append(f)
             group_pool.append(pool_ids[pool_key])
     groups = Groups(rows, np.asarray(group_file, dtype=np.int64), np.asarray(group_pool, dtype=np.int64), pools)
-    return groups, tables
+    return groups, tables, vocab
 
 
 @dataclass
@@ -119,12 +163,22 @@ class BatchSpec:
     drop_last: bool
 
 
+def _rows_of(table: torch.Tensor, codes: torch.Tensor, hot: torch.Tensor | None) -> torch.Tensor:
+    """table[codes] in a batch buffer; a wide one-hot table is filled by zero + scatter (cheaper)."""
+    out = batch_tensor((len(codes), table.shape[1]))
+    if hot is None:
+        return torch.index_select(table, 0, codes, out=out)
+    out.zero_()
+    out[torch.arange(len(codes)), hot[codes]] = 1.0
+    return out
+
+
 class LayoutSetDataset(Dataset):
     """Index (epoch, batch) -> one whole training batch."""
 
-    def __init__(self, groups: Groups, tables: list[FileTables], spec: BatchSpec, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.groups, self.tables, self.spec = groups, tables, spec
+    def __init__(self, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], spec: BatchSpec,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.groups, self.tables, self.vocab, self.spec = groups, tables, vocab, spec
         self.rank, self.world_size = rank, world_size
         self._plan: tuple[int, EpochPlan] | None = None
 
@@ -144,31 +198,40 @@ class LayoutSetDataset(Dataset):
 
     def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
         epoch, batch_index = index
-        plan, s = self.plan(epoch), self.spec
+        plan, set_len = self.plan(epoch), self.spec.set_len
         sets = plan.batch_sets(batch_index)
-        n = len(sets) * s.set_len
-        pert_rows = np.empty(n, np.int64)
-        ctrl_rows = np.empty(n, np.int64)
-        set_file = self.groups.file[plan.group[sets]]
+        n = len(sets) * set_len
+        pert_rows, ctrl_rows = np.empty(n, np.int64), np.empty(n, np.int64)
+        copies = []  # (destination, source) positions of redrawn rows of short sets
         for j, i in enumerate(sets.tolist()):
-            pert_rows[j * s.set_len:(j + 1) * s.set_len], ctrl_rows[j * s.set_len:(j + 1) * s.set_len] = set_rows(
-                self.groups, plan, i, s.set_len, s.seed, epoch)
-        cell_file = np.repeat(set_file, s.set_len)
-        return self._assemble(pert_rows, ctrl_rows, cell_file)
+            at = slice(j * set_len, (j + 1) * set_len)
+            pert_rows[at], ctrl_rows[at], redraws = set_rows(self.groups, plan, i, set_len, self.spec.seed, epoch)
+            if redraws is not None:
+                first = j * set_len + set_len - len(redraws)
+                copies.append((np.arange(first, (j + 1) * set_len), j * set_len + redraws))
+        dup = (np.concatenate([c[0] for c in copies]), np.concatenate([c[1] for c in copies])) if copies else None
+        cell_file = np.repeat(self.groups.file[plan.group[sets]], set_len)
+        return self._assemble(pert_rows, ctrl_rows, cell_file, dup)
 
-    def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray) -> torch.Tensor:
+    def _read_positions(self, n: int, dup: tuple | None) -> np.ndarray:
+        if dup is None:
+            return np.arange(n)
+        keep = np.ones(n, bool)
+        keep[dup[0]] = False
+        return np.flatnonzero(keep)
+
+    def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None = None) -> torch.Tensor:
+        """Rows of matrix ``key`` into one batch buffer: file reads for the distinct rows, then in-memory
+        copies for the redrawn rows of short sets."""
         width = int(self.tables[int(cell_file[0])].layout.meta["matrices"][key])
-        out = torch.empty((len(rows), width), dtype=torch.float32)
+        out = batch_tensor((len(rows), width))
         view = out.numpy()
+        positions = self._read_positions(len(rows), dup)
         for f in np.unique(cell_file).tolist():
-            at = np.flatnonzero(cell_file == f)
-            lay = self.tables[f].layout
-            if len(at) == len(rows):
-                lay.read_rows(key, rows, view)
-            else:
-                part = np.empty((len(at), width), np.float32)
-                lay.read_rows(key, rows[at], part)
-                view[at] = part
+            at = positions[cell_file[positions] == f]
+            self.tables[f].layout.read_rows(key, rows[at], view, positions=at)
+        if dup is not None:
+            view[dup[0]] = view[dup[1]]
         return out
 
     def _codes(self, rows: np.ndarray, cell_file: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,52 +240,55 @@ class LayoutSetDataset(Dataset):
             at = np.flatnonzero(cell_file == f)
             table = self.tables[f].layout.groups
             group = np.searchsorted(table["start"], rows[at], side="right") - 1
-            pert[at], ct[at], batch[at] = table["pert"][group], table["cell_type"][group], table["batch"][group]
+            files = self.tables[f]
+            pert[at] = files.pert[table["pert"][group]]
+            ct[at] = files.cell_type[table["cell_type"][group]]
+            batch[at] = files.batch[files.layout.batch_codes()[rows[at]]]
         return pert, ct, batch
 
-    def _assemble(self, pert_rows: np.ndarray, ctrl_rows: np.ndarray, cell_file: np.ndarray) -> dict[str, Any]:
+    def _assemble(self, pert_rows: np.ndarray, ctrl_rows: np.ndarray, cell_file: np.ndarray,
+                  dup: tuple | None) -> dict[str, Any]:
         s = self.spec
         pert, ct, batch = self._codes(pert_rows, cell_file)
-        files = np.unique(cell_file).tolist()
-        one = self.tables[files[0]] if len(files) == 1 else None
-
-        def per_file(attr: str, codes: np.ndarray):
-            if one is not None:
-                values = getattr(one, attr)
-                return values[torch.from_numpy(codes)] if torch.is_tensor(values) else values[codes].tolist()
-            out = [getattr(self.tables[int(f)], attr)[int(c)] for f, c in zip(cell_file, codes)]
-            return torch.stack(out) if torch.is_tensor(out[0]) else out
+        v = self.vocab
 
         batch_dict: dict[str, Any] = {
-            "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file),
+            "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup),
             "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file),
-            "pert_emb": per_file("pert_emb", pert),
-            "pert_name": per_file("pert_names", pert),
-            "cell_type": per_file("cell_type_names", ct),
-            "cell_type_onehot": per_file("cell_type_onehot", ct),
-            "batch": per_file("batch_onehot", batch),
-            "batch_name": per_file("batch_names", batch),
+            "pert_emb": v["pert"].rows(pert),
+            "pert_name": v["pert"].names[pert].tolist(),
+            "cell_type": v["cell_type"].names[ct].tolist(),
+            "cell_type_onehot": v["cell_type"].rows(ct),
+            "batch": v["batch"].rows(batch),
+            "batch_name": v["batch"].names[batch].tolist(),
             "dataset_name": self._dataset_names(cell_file),
         }
         if s.pert_counts_key:
-            batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file)
+            batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file, dup)
         if s.ctrl_counts_key:
             batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file)
         if s.barcodes:
-            batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file)
-            batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file)
+            batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
+            batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file, None)
         return batch_dict
 
     def _dataset_names(self, cell_file: np.ndarray) -> list[str]:
         names = np.array([t.dataset_name for t in self.tables], dtype=object)
         return names[cell_file].tolist()
 
-    def _barcodes(self, rows: np.ndarray, cell_file: np.ndarray) -> list[str]:
-        out = np.empty(len(rows), dtype=object)
-        for f in np.unique(cell_file).tolist():
-            at = np.flatnonzero(cell_file == f)
-            out[at] = np.char.decode(self.tables[f].layout.read_barcodes(rows[at]), "utf-8")
-        return out.tolist()
+    def _barcodes(self, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None) -> list[str]:
+        files = np.unique(cell_file).tolist()
+        width = max(self.tables[f].layout.barcode_dtype().itemsize for f in files)
+        out = np.zeros(len(rows), dtype=f"S{max(width, 1)}")
+        positions = self._read_positions(len(rows), dup)
+        for f in files:
+            at = positions[cell_file[positions] == f]
+            own = np.zeros(len(at), dtype=self.tables[f].layout.barcode_dtype())
+            self.tables[f].layout.read_barcodes(rows[at], own)
+            out[at] = own
+        if dup is not None:
+            out[dup[0]] = out[dup[1]]
+        return np.char.decode(out, "utf-8").astype(object).tolist()
 
 
 class EpochBatchSampler(Sampler):
@@ -306,9 +372,9 @@ def _trainer_progress(dm: Any) -> Callable[[], int]:
     return processed
 
 
-def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], *, windows: int, seed: int,
-                      num_workers: int) -> LayoutDataLoader:
+def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], *,
+                      windows: int, seed: int, num_workers: int) -> LayoutDataLoader:
     rank, world = distributed_rank()
-    dataset = LayoutSetDataset(groups, tables, batch_spec(dm, windows, seed), rank=rank, world_size=world)
+    dataset = LayoutSetDataset(groups, tables, vocab, batch_spec(dm, windows, seed), rank=rank, world_size=world)
     return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                             progress=_trainer_progress(dm))

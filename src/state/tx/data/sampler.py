@@ -9,7 +9,7 @@ Here a group is a list of layout rows (shuffled within the group when the layout
 epoch, a group's rows are rotated by a random offset and cut into blocks of ``S/k`` rows; every set
 takes k blocks, one of each block size, chosen by a random permutation. So over an epoch every
 training cell is drawn exactly as often as with cell-load (once, or by the same with-replacement
-refill for a short set), set composition changes every epoch, and a set is about k contiguous reads.
+refill for a short set, see :func:`set_rows`), set composition changes every epoch, and a set is about k contiguous reads.
 The control set of a set is k windows at random offsets of the matching control pool.
 
 Everything is a function of (seed, epoch): every worker process and every DDP rank computes the
@@ -113,12 +113,20 @@ def _windows(rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nd
 
 
 def set_rows(groups: Groups, plan: EpochPlan, i: int, set_len: int, seed: int, epoch: int) -> tuple:
-    """(perturbed rows, control rows) of set i of the plan: set_len layout rows each."""
+    """(perturbed rows, control rows, redraws) of set i of the plan: set_len layout rows each.
+
+    A short set of m cells holds its m cells once, then set_len - m redrawn from them with replacement
+    (``redraws``: which of the first m each extra row repeats; None for a full set). Each cell's
+    expected count is set_len / m, as with cell-load's set_len draws with replacement, and the m
+    cells stay contiguous reads.
+    """
     g = int(plan.group[i])
     rows = _windows(groups.rows[g], plan.starts[i], plan.lengths[i])
-    if len(rows) < set_len:  # short set: set_len draws with replacement from its cells, as cell-load does
+    redraws = None
+    if len(rows) < set_len:
         rng = np.random.default_rng([int(seed), int(epoch), int(plan.set_ids[i]), 104729])
-        rows = rows[rng.integers(len(rows), size=set_len)]
+        redraws = rng.integers(len(rows), size=set_len - len(rows))
+        rows = np.concatenate([rows, rows[redraws]])
     pool = groups.pools[int(groups.pool[g])]
     ctrl = _windows(pool, plan.ctrl_starts[i], part_sizes(set_len, plan.starts.shape[1]))
-    return rows, ctrl
+    return rows, ctrl, redraws

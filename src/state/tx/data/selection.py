@@ -130,6 +130,6 @@ def train_loader(dm: Any, choice: FastLoaderChoice) -> Any | None:
             choice.use = False
             log.info("training loader: cell-load (%s)", exc)
             return None
-    groups, tables = dm._state_fast_groups
-    return loader.fast_train_loader(dm, groups, tables, windows=choice.windows, seed=training_seed(dm),
+    groups, tables, vocab = dm._state_fast_groups
+    return loader.fast_train_loader(dm, groups, tables, vocab, windows=choice.windows, seed=training_seed(dm),
                                     num_workers=int(dm.num_workers))
