@@ -279,3 +279,18 @@ def test_vocabulary_rows_equal_the_map_for_wide_one_hot_and_dense_maps():
         assert torch.equal(rows[0], mapping["p5"]) and torch.equal(rows[1], mapping["p99"])
         assert torch.equal(rows[3], mapping["p5"]) and not rows[2].any()  # unknown name: zeros
         assert vocab.names[index].tolist() == ["p5", "p99", "", "p5"]
+
+
+def test_dataset_of_several_files_mixes_them_in_a_batch_like_cell_load(tmp_path):
+    folder = tmp_path / "data"
+    for i in range(2):
+        make_processed_dataset(folder, filename=f"part{i}.h5ad", n_cells=160, n_genes=20, n_hvgs=20, n_perts=4,
+                               seed=i)
+    toml = write_toml(tmp_path / "split.toml", dataset_name="d", data_path=folder, kind="zeroshot")
+    _index(toml, tmp_path / "lay")
+    dm = _data_module(toml, tmp_path / "lay", batch_size=4)
+    fast_cells, fast_groups = _epoch_draws(dm.train_dataloader())
+    slow_cells, slow_groups = _epoch_draws(_cell_load_loader(dm))
+    assert fast_groups == slow_groups
+    first = next(iter(dm.train_dataloader()))
+    assert torch.equal(first["pert_emb"].sum(1), torch.ones(len(first["pert_name"])))
