@@ -183,7 +183,7 @@ def main() -> None:
     body = markdown(args, index, rows, e2e)
     print(body)
     if args.write_md:
-        write_section("tx-loader", "## Training data loader (`bench/bench_tx_loader.py`)\n\n" + body)
+        write_section("bench_tx_loader", "## Training data loader (`bench/bench_tx_loader.py`)\n\n" + body)
     if args.clean:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -255,11 +255,12 @@ class LayoutSetDataset(Dataset):
         batch_dict: dict[str, Any] = {
             "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup),
             "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file),
-            "pert_emb": v["pert"].rows(pert),
+            # The vector columns (a 2,000-wide one-hot per cell for pert_emb) are filled in the process
+            # that consumes the batch (see expand_vectors): passing codes between processes is far
+            # cheaper than passing, mapping and unmapping the vectors.
+            VECTOR_CODES: (torch.from_numpy(pert), torch.from_numpy(ct), torch.from_numpy(batch)),
             "pert_name": v["pert"].names[pert].tolist(),
             "cell_type": v["cell_type"].names[ct].tolist(),
-            "cell_type_onehot": v["cell_type"].rows(ct),
-            "batch": v["batch"].rows(batch),
             "batch_name": v["batch"].names[batch].tolist(),
             "dataset_name": self._dataset_names(cell_file),
         }
@@ -318,6 +319,29 @@ def _quiet_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
+VECTOR_CODES = "_state_vector_codes"
+
+
+def expand_vectors(batch: dict[str, Any], vocab: dict[str, Vocabulary], pin: bool = False) -> dict[str, Any]:
+    """Replace the codes a worker sent by cell-load's vector columns (pert_emb, cell_type_onehot, batch)."""
+    codes = batch.pop(VECTOR_CODES, None)
+    if codes is None:
+        return batch
+    pert, ct, batch_code = (c.numpy() for c in codes)
+    vectors = {"pert_emb": vocab["pert"].rows(pert), "cell_type_onehot": vocab["cell_type"].rows(ct),
+               "batch": vocab["batch"].rows(batch_code)}
+    if pin:  # the rest of the batch was pinned by the DataLoader
+        vectors = {k: v.pin_memory() for k, v in vectors.items()}
+    out = {}
+    for key, value in batch.items():  # cell-load's key order
+        if key == "pert_name":
+            out["pert_emb"] = vectors["pert_emb"]
+        out[key] = value
+        if key == "cell_type":
+            out["cell_type_onehot"], out["batch"] = vectors["cell_type_onehot"], vectors["batch"]
+    return out
+
+
 class LayoutDataLoader(DataLoader):
     """A DataLoader over whole batches whose place in the epoch survives a checkpoint.
 
@@ -333,6 +357,11 @@ class LayoutDataLoader(DataLoader):
                          prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
+
+    def __iter__(self):
+        vocab, pin = self.dataset.vocab, bool(self.pin_memory)
+        for batch in super().__iter__():
+            yield expand_vectors(batch, vocab, pin)
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else 0
