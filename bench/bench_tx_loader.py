@@ -61,6 +61,8 @@ def measure(args) -> None:
     for _ in range(args.batches):
         cells += next(it)["pert_cell_emb"].shape[0]
     seconds = time.perf_counter() - start
+    workers = [w.pid for w in getattr(it, "_workers", [])]
+    pss = sum(proportional_mib(pid) for pid in [os.getpid(), *workers])  # shared pages counted once
     del it
     import gc
 
@@ -69,7 +71,15 @@ def measure(args) -> None:
     main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"cells_per_s": cells / seconds, "main_rss_mib": main_rss,
-                      "worker_rss_mib": worker_rss if args.workers[0] else 0.0}))
+                      "worker_rss_mib": worker_rss if args.workers[0] else 0.0, "total_pss_mib": pss}))
+
+
+def proportional_mib(pid: int) -> float:
+    """Pss of a process (its private pages plus its share of pages shared with others), MiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return float(line.split()[1]) / 1024
+    return float("nan")
 
 
 def warm(files: list[Path]) -> None:
@@ -133,16 +143,17 @@ def index_layout(toml: Path) -> tuple[float, float]:
 
 
 def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]) -> str:
+    flags = " --e2e-only" if args.e2e_only else (" --e2e" if args.e2e else "")
     lines = [f"Command: `python bench/bench_tx_loader.py --cells {args.cells} --files {args.files} --workers "
              f"{' '.join(map(str, args.workers))} --batches {args.batches} --fast-batches {args.fast_batches}"
-             f"{' --e2e' if args.e2e else ''} --write-md`", "",
+             f"{flags} --write-md`", "",
              f"Data: {args.cells:,} cells x 2,000 float32 X_hvg in {args.files} file(s), batch {BATCH} sets x "
              f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", "",
-             "| path | workers | batches timed | cells/s | main peak RSS (MiB) | largest worker peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
+             "| path | workers | batches timed | cells/s | main peak RSS (MiB) | largest worker peak RSS (MiB) "
+             "| main + workers PSS (MiB) |", "|---|---|---|---|---|---|---|"] if rows else []
     for r in rows:
         lines.append(f"| {r['path']} | {r['workers']} | {r['batches']} | {r['cells_per_s']:,.0f} | "
-                     f"{r['main_rss_mib']:.0f} | {r['worker_rss_mib']:.0f} |")
+                     f"{r['main_rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r.get('total_pss_mib', 0):.0f} |")
     if e2e:
         lines += ["", "| end to end, `tx train model=state_sm`, 0 workers | steps/s |", "|---|---|"]
         lines += [f"| {r['run']} | {r['steps_per_s']:.3f} |" for r in e2e]
@@ -157,7 +168,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--fast-batches", type=int, default=200)
-    parser.add_argument("--e2e", action="store_true")
+    parser.add_argument("--e2e", action="store_true", help="also time `tx train model=state_sm` end to end")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end timing")
     parser.add_argument("--e2e-steps", type=int, nargs=2, default=[2, 8])
     parser.add_argument("--write-md", action="store_true")
     parser.add_argument("--clean", action="store_true", help="delete the generated data afterwards")
@@ -174,16 +186,18 @@ def main() -> None:
     tomls = {order: write_toml(root / f"{order}.toml", folder) for order, folder in folders.items()}
     index = index_layout(tomls["random"])
     layout = root / "random"
-    rows = loader_rows(tomls, folders, layout, args.workers, args.batches, args.fast_batches)
+    rows = [] if args.e2e_only else loader_rows(tomls, folders, layout, args.workers, args.batches, args.fast_batches)
     e2e = []
-    if args.e2e:
+    if args.e2e or args.e2e_only:
         small = write_dataset(WORK / "loader_50000" / "random", 50_000)
         e2e = e2e_rows(tomls["random"], write_toml(WORK / "loader_50000" / "random.toml", small),
                        tuple(args.e2e_steps))
     body = markdown(args, index, rows, e2e)
     print(body)
-    if args.write_md:
+    if args.write_md and rows:
         write_section("bench_tx_loader", "## Training data loader (`bench/bench_tx_loader.py`)\n\n" + body)
+    elif args.write_md:
+        write_section("bench_tx_loader_e2e", "### Training data loader, end to end\n\n" + body)
     if args.clean:
         shutil.rmtree(root, ignore_errors=True)
 
