@@ -11,13 +11,14 @@ def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
 
 def add_parser(commands) -> None:
     tx = commands.add_parser("tx", help="State Transition model: train, predict, infer, preprocess")
-    sub = tx.add_subparsers(dest="subcommand", required=True, metavar="{train,predict,infer,preprocess_train,preprocess_infer,stats}")
+    sub = tx.add_subparsers(dest="subcommand", required=True, metavar="{train,predict,infer,preprocess_train,preprocess_infer,stats,index}")
     _add_train(sub)
     _add_predict(sub)
     _add_infer(sub)
     _add_preprocess_train(sub)
     _add_preprocess_infer(sub)
     _add_stats(sub)
+    _add_index(sub)
 
 
 def _add_train(sub) -> None:
@@ -127,3 +128,22 @@ def _add_stats(sub) -> None:
     p.add_argument("--top-n", "--top_n", dest="top_n", type=int, default=20,
                    help="changed genes listed per perturbation in top_genes.csv")
     p.set_defaults(handler="state.cli.tx_handlers:stats")
+
+
+def _add_index(sub) -> None:
+    # Not in arc-state: the group-sorted training layout the fast set loader reads.
+    p = sub.add_parser("index", help="write the fast training layout of every dataset a split TOML names")
+    p.add_argument("--toml", required=True, help="split TOML; the layout of each of its h5/h5ad files is written")
+    p.add_argument("--layout-dir", "--layout_dir", dest="layout_dir", default=None,
+                   help="folder for the layouts (default: beside each file, <file>.state_layout); "
+                   "training then needs data.kwargs.fast_loader_dir=<same folder>")
+    p.add_argument("--keys", default="X_hvg",
+                   help="comma-separated obsm matrices to copy: the embed_key, plus X_hvg when it is the target")
+    p.add_argument("--pert-col", "--pert_col", dest="pert_col", default="gene", help="obs perturbation column")
+    p.add_argument("--cell-type-key", "--cell_type_key", dest="cell_type_key", default="cell_type",
+                   help="obs cell type column")
+    p.add_argument("--batch-col", "--batch_col", dest="batch_col", default="gem_group", help="obs batch column")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each group")
+    _bool_flag(p, "--by-batch", "--by_batch",
+               help="sort by (cell type, perturbation, batch): contiguous groups for basal_mapping_strategy=batch")
+    p.set_defaults(handler="state.cli.tx_handlers:index")

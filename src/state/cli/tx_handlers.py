@@ -108,3 +108,13 @@ def stats(args: argparse.Namespace) -> int:
     run_stats(args.adata, args.output_dir, pert_col=args.pert_col, control_pert=args.control_pert,
               celltype_col=args.celltype_col, top_n=args.top_n)
     return 0
+
+
+def index(args: argparse.Namespace) -> int:
+    from state.tx.data.layout import index_toml
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    index_toml(args.toml, keys=keys, pert_col=args.pert_col, cell_type_key=args.cell_type_key,
+               batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir,
+               by_batch=args.by_batch)  # logs each layout
+    return 0

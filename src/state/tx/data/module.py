@@ -293,6 +293,16 @@ def _fast_transfer_class(base: type) -> type:
                 return batch_to_device(batch, device)
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+        def train_dataloader(self, test: bool = False) -> Any:
+            choice = getattr(self, "_state_fast_loader", None)
+            if not test and choice is not None and choice.use:
+                from state.tx.data import selection
+
+                fast = selection.train_loader(self, choice)
+                if fast is not None:
+                    return fast
+            return super().train_dataloader(test=test)
+
         def _create_base_dataset(self, *args: Any, **kwargs: Any) -> Any:
             from state.tx.data import obsm_cache
 
@@ -319,11 +329,16 @@ def build_data_module(data_name: str, data_kwargs: Mapping[str, Any], *, batch_s
             f"unknown data module data.name={data_name!r}",
             hint=f"use one of {', '.join(DATA_MODULE_DICT)} (e.g. data=perturbation)",
         )
+    from state.tx.data import selection
+
     kwargs = {**dict(data_kwargs), "batch_size": batch_size, "cell_sentence_len": cell_sentence_len}
+    choice = selection.decide(kwargs)  # the fast_loader* keys reach cell-load too: it ignores unknown kwargs
     try:
-        return _fast_transfer_class(DATA_MODULE_DICT[data_name])(**kwargs)
+        dm = _fast_transfer_class(DATA_MODULE_DICT[data_name])(**kwargs)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise StateError(f"cell-load could not build the data module: {exc}", hint="check data.kwargs") from exc
+    dm._state_fast_loader = choice
+    return dm
 
 
 def setup_data_module(dm) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Replogle/Tahoe-shaped training files for the loader benchmark, written without holding them in memory.
+
+Shape: ``n_cells`` cells, 2,000-wide float32 ``obsm['X_hvg']`` (contiguous, uncompressed, as anndata
+writes dense arrays), 4 cell types, 8 batches (``gem_group``), ~10% controls (``non-targeting``) and
+2,000 perturbations whose cell counts are drawn uniformly from 50-500 and scaled so they fill the rest.
+Rows are in random order (``order="random"``) or sorted by (cell type, perturbation) for cell-load's
+``use_consecutive_loading`` (``order="grouped"``). X is an empty CSR matrix: the loaders read X_hvg only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+WIDTH = 2000
+CELL_TYPES = ("K562", "RPE1", "HepG2", "Jurkat")
+N_BATCHES = 8
+N_PERTS = 2000
+CONTROL = "non-targeting"
+
+
+def labels(n_cells: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Codes per cell: perturbation (0 = control), cell type, batch; random row order."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(50, 501, N_PERTS).astype(float)
+    n_control = n_cells // 10
+    sizes = np.floor(sizes / sizes.sum() * (n_cells - n_control)).astype(np.int64)
+    sizes[: (n_cells - n_control) - sizes.sum()] += 1
+    pert = np.concatenate([np.zeros(n_control, np.int32), np.repeat(np.arange(1, N_PERTS + 1, dtype=np.int32), sizes)])
+    perm = rng.permutation(n_cells)
+    return {"gene": pert[perm], "cell_type": rng.integers(0, len(CELL_TYPES), n_cells).astype(np.int32),
+            "gem_group": rng.integers(0, N_BATCHES, n_cells).astype(np.int32)}
+
+
+def _skeleton(path: Path, codes: dict[str, np.ndarray]) -> None:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    n = len(codes["gene"])
+    perts = [CONTROL] + [f"PERT{i:04d}" for i in range(1, N_PERTS + 1)]
+    obs = pd.DataFrame({
+        "gene": pd.Categorical.from_codes(codes["gene"], perts),
+        "cell_type": pd.Categorical.from_codes(codes["cell_type"], list(CELL_TYPES)),
+        "gem_group": pd.Categorical.from_codes(codes["gem_group"], [f"b{i}" for i in range(N_BATCHES)]),
+    }, index=pd.Index([f"c{i:08d}" for i in range(n)]))
+    var = pd.DataFrame({"highly_variable": np.ones(WIDTH, bool)}, index=[f"G{i:04d}" for i in range(WIDTH)])
+    x = sp.csr_matrix((np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(n + 1, np.int64)), shape=(n, WIDTH))
+    ad.AnnData(X=x, obs=obs, var=var, uns={"log1p": {"base": None}}).write_h5ad(path)
+
+
+def write_file(path: Path, codes: dict[str, np.ndarray], *, seed: int, block: int = 16384) -> Path:
+    """One h5ad with these cells; X_hvg rows are random values written block by block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    _skeleton(tmp, codes)
+    n = len(codes["gene"])
+    rng = np.random.default_rng(seed)
+    with h5py.File(tmp, "a") as fh:
+        ds = fh["obsm"].create_dataset("X_hvg", shape=(n, WIDTH), dtype=np.float32)
+        ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+        for first in range(0, n, block):
+            ds[first:first + block] = rng.random((min(block, n - first), WIDTH), dtype=np.float32)
+    tmp.replace(path)
+    return path
+
+
+def write_dataset(folder: Path, n_cells: int, *, n_files: int = 1, order: str = "random", seed: int = 0) -> Path:
+    """``folder`` with ``n_files`` h5ad files holding ``n_cells`` cells together (written once)."""
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    codes = labels(n_cells, seed)
+    if order == "grouped":
+        sort = np.lexsort((codes["gem_group"], codes["gene"], codes["cell_type"]))
+        codes = {k: v[sort] for k, v in codes.items()}
+    bounds = np.linspace(0, n_cells, n_files + 1).astype(np.int64)
+    for i in range(n_files):
+        part = {k: v[bounds[i]:bounds[i + 1]] for k, v in codes.items()}
+        write_file(folder / f"part{i}.h5ad", part, seed=seed + 1 + i)
+    done.write_text("ok\n")
+    return folder
+
+
+def write_toml(path: Path, folder: Path, name: str = "bench") -> Path:
+    """Every cell type trains; one perturbation per cell type of the first file is held out for val."""
+    path.write_text(f'[datasets]\n{name} = "{folder}"\n\n[training]\n{name} = "train"\n\n'
+                    f'[fewshot."{name}.K562"]\nval = ["PERT0001"]\ntest = ["PERT0002"]\n')
+    return path

@@ -1,0 +1,409 @@
+"""The fast training loader: cell-load's split, read from the training layout as whole arrays.
+
+cell-load still decides everything about the split (which cells train, which controls each cell may
+be paired with): after ``setup()`` its training subsets and its mapping strategy's control pools are
+read out and translated to layout rows (:func:`groups_from_data_module`). Batches are then built by
+worker processes as arrays: the rows of each set are copied slice by slice from the memory-mapped
+layout into one preallocated tensor per batch; names are shared string objects, never per-cell dicts.
+The batch has exactly the keys, shapes and dtypes of cell-load's collate for the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from state.tx.data import layout as layouts
+from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Vocabulary:
+    """One of cell-load's maps (name -> vector) as arrays; the last row is for names the map lacks."""
+
+    names: np.ndarray  # object array of str, index -> name
+    table: torch.Tensor  # index -> vector
+    hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
+
+    @classmethod
+    def from_map(cls, mapping: Any) -> Vocabulary:
+        names = [str(k) for k in mapping]
+        rows = [torch.as_tensor(mapping[k]).reshape(-1).float() for k in mapping]
+        width = rows[0].numel() if rows else 0
+        table = torch.stack([*rows, torch.zeros(width)])
+        hot = one_hot_columns(table[:-1]) if width > 64 else None
+        return cls(np.array([*names, ""], dtype=object), table, hot)
+
+    def index_of(self, categories: Any) -> np.ndarray:
+        """File category code -> row of this vocabulary."""
+        where = {n: i for i, n in enumerate(self.names[:-1].tolist())}
+        return np.array([where.get(str(c), len(self.names) - 1) for c in categories], dtype=np.int64)
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        out = batch_tensor((len(index), self.table.shape[1]))
+        if self.hot is None:
+            return torch.index_select(self.table, 0, torch.from_numpy(index), out=out)
+        out.zero_()
+        keep = torch.from_numpy(np.flatnonzero(index < len(self.hot)))
+        out[keep, self.hot[torch.from_numpy(index)[keep]]] = 1.0
+        return out
+
+
+@dataclass
+class FileTables:
+    """Per training file: its layout and its category codes as rows of the shared vocabularies."""
+
+    layout: layouts.Layout
+    pert: np.ndarray
+    cell_type: np.ndarray
+    batch: np.ndarray
+    dataset_name: str
+
+
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 batch buffer; in a DataLoader worker it lives in shared memory from the
+    start, so handing the batch to the main process copies nothing (PyTorch would copy it there)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+def one_hot_columns(table: torch.Tensor) -> torch.Tensor | None:
+    """Column of the 1 of every row when ``table`` is a one-hot map."""
+    if table.numel() == 0 or not bool(((table == 0) | (table == 1)).all()) or not bool((table.sum(1) == 1).all()):
+        return None
+    return table.argmax(1)
+
+
+def vocabularies(dm: Any) -> dict[str, Vocabulary]:
+    return {"pert": Vocabulary.from_map(dm.pert_onehot_map), "cell_type": Vocabulary.from_map(dm.cell_type_onehot_map),
+            "batch": Vocabulary.from_map(dm.batch_onehot_map)}
+
+
+def _file_tables(ds: Any, layout: layouts.Layout, vocab: dict[str, Vocabulary]) -> FileTables:
+    cache = ds.metadata_cache
+    return FileTables(layout, vocab["pert"].index_of(cache.pert_categories),
+                      vocab["cell_type"].index_of(cache.cell_type_categories),
+                      vocab["batch"].index_of(cache.batch_categories), str(ds.name))
+
+
+def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> list[int]:
+    """The controls cell-load's mapping strategy would draw from for a cell of (ct, batch) in split."""
+    if hasattr(strategy, "split_control_maps"):  # basal_mapping_strategy=batch, falls back to the cell type
+        pools = strategy.split_control_maps[split]
+        pool = list(pools.get((batch, ct), []))
+        return pool or [i for (_, c), idx in pools.items() if c == ct for i in idx]
+    return list(strategy.split_control_pool[split].get(ct, []))
+
+
+def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables], dict]:
+    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows."""
+    use_batch = dm.basal_mapping_strategy == "batch"
+    files: dict[str, int] = {}
+    tables: list[FileTables] = []
+    vocab = vocabularies(dm)
+    positions: list[np.ndarray] = []
+    rows, group_file, group_pool, pools, pool_ids = [], [], [], [], {}
+    for subset in dm.train_datasets:
+        ds = subset.dataset
+        key = str(ds.h5_path)
+        if key not in files:
+            files[key] = len(tables)
+            tables.append(_file_tables(ds, layouts.open_layout(ds.h5_path, layout_dir), vocab))
+            positions.append(tables[-1].layout.position_of())
+        f = files[key]
+        file_rows = np.asarray(ds.all_indices)[np.asarray(subset.indices, dtype=np.int64)]
+        if len(file_rows) == 0:
+            continue
+        cache = ds.metadata_cache
+        ct, pert, batch = cache.cell_type_codes[file_rows], cache.pert_codes[file_rows], cache.batch_codes[file_rows]
+        keys = np.stack([ct, pert] + ([batch] if use_batch else []), axis=1)
+        _, group_of = np.unique(keys, axis=0, return_inverse=True)
+        group_of = group_of.reshape(-1)
+        for g in range(int(group_of.max()) + 1):
+            members = file_rows[group_of == g]
+            first = int(members[0])
+            split = ds._find_split_for_idx(first)
+            pool_key = (f, split, int(cache.cell_type_codes[first]), int(cache.batch_codes[first]) if use_batch else -1)
+            if pool_key not in pool_ids:
+                pool = _control_pool(ds, ds.mapping_strategy, split, pool_key[2], int(cache.batch_codes[first]))
+                if not pool:
+                    raise LookupError(f"no control cells for cell type '{cache.cell_type_categories[pool_key[2]]}'")
+                pool_ids[pool_key] = len(pools)
+                pools.append(np.sort(positions[f][np.asarray(pool, dtype=np.int64)]))
+            rows.append(np.sort(positions[f][members]))
+            group_file.append(f)
+            group_pool.append(pool_ids[pool_key])
+    groups = Groups(rows, np.asarray(group_file, dtype=np.int64), np.asarray(group_pool, dtype=np.int64), pools)
+    return groups, tables, vocab
+
+
+@dataclass
+class BatchSpec:
+    """What a batch holds (cell-load's collate for these data module settings)."""
+
+    set_len: int
+    embed_key: str
+    pert_counts_key: str | None  # obsm key of pert_cell_counts, None: no such entry
+    ctrl_counts_key: str | None
+    barcodes: bool
+    seed: int
+    windows: int
+    batch_size: int
+    drop_last: bool
+
+
+def _rows_of(table: torch.Tensor, codes: torch.Tensor, hot: torch.Tensor | None) -> torch.Tensor:
+    """table[codes] in a batch buffer; a wide one-hot table is filled by zero + scatter (cheaper)."""
+    out = batch_tensor((len(codes), table.shape[1]))
+    if hot is None:
+        return torch.index_select(table, 0, codes, out=out)
+    out.zero_()
+    out[torch.arange(len(codes)), hot[codes]] = 1.0
+    return out
+
+
+class LayoutSetDataset(Dataset):
+    """Index (epoch, batch) -> one whole training batch."""
+
+    def __init__(self, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], spec: BatchSpec,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.groups, self.tables, self.vocab, self.spec = groups, tables, vocab, spec
+        self.rank, self.world_size = rank, world_size
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_plan": None}
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan[0] != epoch:
+            s = self.spec
+            self._plan = (epoch, epoch_plan(self.groups, set_len=s.set_len, windows=s.windows,
+                                            batch_size=s.batch_size, seed=s.seed, epoch=epoch,
+                                            drop_last=s.drop_last, rank=self.rank, world_size=self.world_size))
+        return self._plan[1]
+
+    def __len__(self) -> int:
+        return self.plan(0).n_batches
+
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
+        epoch, batch_index = index
+        plan, set_len = self.plan(epoch), self.spec.set_len
+        sets = plan.batch_sets(batch_index)
+        n = len(sets) * set_len
+        pert_rows, ctrl_rows = np.empty(n, np.int64), np.empty(n, np.int64)
+        copies = []  # (destination, source) positions of redrawn rows of short sets
+        for j, i in enumerate(sets.tolist()):
+            at = slice(j * set_len, (j + 1) * set_len)
+            pert_rows[at], ctrl_rows[at], redraws = set_rows(self.groups, plan, i, set_len, self.spec.seed, epoch)
+            if redraws is not None:
+                first = j * set_len + set_len - len(redraws)
+                copies.append((np.arange(first, (j + 1) * set_len), j * set_len + redraws))
+        dup = (np.concatenate([c[0] for c in copies]), np.concatenate([c[1] for c in copies])) if copies else None
+        cell_file = np.repeat(self.groups.file[plan.group[sets]], set_len)
+        return self._assemble(pert_rows, ctrl_rows, cell_file, dup)
+
+    def _read_positions(self, n: int, dup: tuple | None) -> np.ndarray:
+        if dup is None:
+            return np.arange(n)
+        keep = np.ones(n, bool)
+        keep[dup[0]] = False
+        return np.flatnonzero(keep)
+
+    def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None = None) -> torch.Tensor:
+        """Rows of matrix ``key`` into one batch buffer: file reads for the distinct rows, then in-memory
+        copies for the redrawn rows of short sets."""
+        width = int(self.tables[int(cell_file[0])].layout.meta["matrices"][key])
+        out = batch_tensor((len(rows), width))
+        view = out.numpy()
+        positions = self._read_positions(len(rows), dup)
+        for f in np.unique(cell_file).tolist():
+            at = positions[cell_file[positions] == f]
+            self.tables[f].layout.read_rows(key, rows[at], view, positions=at)
+        if dup is not None:
+            view[dup[0]] = view[dup[1]]
+        return out
+
+    def _codes(self, rows: np.ndarray, cell_file: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pert, ct, batch = (np.empty(len(rows), np.int64) for _ in range(3))
+        for f in np.unique(cell_file).tolist():
+            at = np.flatnonzero(cell_file == f)
+            table = self.tables[f].layout.groups
+            group = np.searchsorted(table["start"], rows[at], side="right") - 1
+            files = self.tables[f]
+            pert[at] = files.pert[table["pert"][group]]
+            ct[at] = files.cell_type[table["cell_type"][group]]
+            batch[at] = files.batch[files.layout.batch_codes()[rows[at]]]
+        return pert, ct, batch
+
+    def _assemble(self, pert_rows: np.ndarray, ctrl_rows: np.ndarray, cell_file: np.ndarray,
+                  dup: tuple | None) -> dict[str, Any]:
+        s = self.spec
+        pert, ct, batch = self._codes(pert_rows, cell_file)
+        v = self.vocab
+
+        batch_dict: dict[str, Any] = {
+            "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup),
+            "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file),
+            # The vector columns (a 2,000-wide one-hot per cell for pert_emb) are filled in the process
+            # that consumes the batch (see expand_vectors): passing codes between processes is far
+            # cheaper than passing, mapping and unmapping the vectors.
+            VECTOR_CODES: (torch.from_numpy(pert), torch.from_numpy(ct), torch.from_numpy(batch)),
+            "pert_name": v["pert"].names[pert].tolist(),
+            "cell_type": v["cell_type"].names[ct].tolist(),
+            "batch_name": v["batch"].names[batch].tolist(),
+            "dataset_name": self._dataset_names(cell_file),
+        }
+        if s.pert_counts_key:
+            batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file, dup)
+        if s.ctrl_counts_key:
+            batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file)
+        if s.barcodes:
+            batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
+            batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file, None)
+        return batch_dict
+
+    def _dataset_names(self, cell_file: np.ndarray) -> list[str]:
+        names = np.array([t.dataset_name for t in self.tables], dtype=object)
+        return names[cell_file].tolist()
+
+    def _barcodes(self, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None) -> list[str]:
+        files = np.unique(cell_file).tolist()
+        width = max(self.tables[f].layout.barcode_dtype().itemsize for f in files)
+        out = np.zeros(len(rows), dtype=f"S{max(width, 1)}")
+        positions = self._read_positions(len(rows), dup)
+        for f in files:
+            at = positions[cell_file[positions] == f]
+            own = np.zeros(len(at), dtype=self.tables[f].layout.barcode_dtype())
+            self.tables[f].layout.read_barcodes(rows[at], own)
+            out[at] = own
+        if dup is not None:
+            out[dup[0]] = out[dup[1]]
+        return np.char.decode(out, "utf-8").astype(object).tolist()
+
+
+class EpochBatchSampler(Sampler):
+    """Yields (epoch, batch index); Lightning's ``set_epoch`` moves it to the next epoch's plan."""
+
+    def __init__(self, dataset: LayoutSetDataset) -> None:
+        self.dataset, self.epoch, self.skip = dataset, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.dataset.plan(self.epoch).n_batches
+
+    def __iter__(self):
+        first, self.skip = self.skip, 0
+        for b in range(first, len(self)):
+            yield (self.epoch, b)
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch
+
+
+def _quiet_worker(_: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+VECTOR_CODES = "_state_vector_codes"
+
+
+def expand_vectors(batch: dict[str, Any], vocab: dict[str, Vocabulary], pin: bool = False) -> dict[str, Any]:
+    """Replace the codes a worker sent by cell-load's vector columns (pert_emb, cell_type_onehot, batch)."""
+    codes = batch.pop(VECTOR_CODES, None)
+    if codes is None:
+        return batch
+    pert, ct, batch_code = (c.numpy() for c in codes)
+    vectors = {"pert_emb": vocab["pert"].rows(pert), "cell_type_onehot": vocab["cell_type"].rows(ct),
+               "batch": vocab["batch"].rows(batch_code)}
+    if pin:  # the rest of the batch was pinned by the DataLoader
+        vectors = {k: v.pin_memory() for k, v in vectors.items()}
+    out = {}
+    for key, value in batch.items():  # cell-load's key order
+        if key == "pert_name":
+            out["pert_emb"] = vectors["pert_emb"]
+        out[key] = value
+        if key == "cell_type":
+            out["cell_type_onehot"], out["batch"] = vectors["cell_type_onehot"], vectors["batch"]
+    return out
+
+
+class LayoutDataLoader(DataLoader):
+    """A DataLoader over whole batches whose place in the epoch survives a checkpoint.
+
+    Lightning saves ``state_dict()`` in every checkpoint and, when it resumes inside an epoch, hands it
+    to ``load_state_dict`` before iterating: the epoch's plan is recomputed from (seed, epoch) and the
+    batches already trained on are skipped, so the resumed run sees the rest of the same epoch.
+    """
+
+    def __init__(self, dataset: LayoutSetDataset, *, num_workers: int, pin_memory: bool,
+                 progress: Callable[[], int] | None = None) -> None:
+        super().__init__(dataset, sampler=EpochBatchSampler(dataset), batch_size=None, collate_fn=_whole_batch,
+                         num_workers=num_workers, pin_memory=pin_memory,
+                         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
+                         worker_init_fn=_quiet_worker if num_workers > 0 else None)
+        self.progress = progress  # batches of this epoch the trainer has processed
+
+    def __iter__(self):
+        vocab, pin = self.dataset.vocab, bool(self.pin_memory)
+        for batch in super().__iter__():
+            yield expand_vectors(batch, vocab, pin)
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else 0
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state.get("epoch", 0)))
+        self.sampler.skip = int(state.get("batches_done", 0))
+
+
+def batch_spec(dm: Any, windows: int, seed: int) -> BatchSpec:
+    embed_key = dm.embed_key
+    counts_gene = dm.output_space == "gene"
+    pert_counts = "X_hvg" if dm.store_raw_expression and counts_gene else None
+    ctrl_counts = "X_hvg" if dm.store_raw_basal and counts_gene else None
+    barcodes = bool(dm.barcode)
+    return BatchSpec(set_len=int(dm.cell_sentence_len), embed_key=embed_key, pert_counts_key=pert_counts,
+                     ctrl_counts_key=ctrl_counts, barcodes=barcodes, seed=int(seed), windows=int(windows),
+                     batch_size=int(dm.batch_size), drop_last=bool(dm.drop_last))
+
+
+def distributed_rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _trainer_progress(dm: Any) -> Callable[[], int]:
+    def processed() -> int:
+        try:
+            return int(dm.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except (AttributeError, RuntimeError):  # not attached to a trainer
+            return 0
+
+    return processed
+
+
+def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], *,
+                      windows: int, seed: int, num_workers: int) -> LayoutDataLoader:
+    rank, world = distributed_rank()
+    dataset = LayoutSetDataset(groups, tables, vocab, batch_spec(dm, windows, seed), rank=rank, world_size=world)
+    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                            progress=_trainer_progress(dm))
