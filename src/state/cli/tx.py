@@ -86,6 +86,9 @@ def _add_infer(sub) -> None:
     _bool_flag(p, "--unknown-as-control", "--unknown_as_control",
                help="simulate perturbations the model does not know with the control vector "
                "(arc-state's silent behaviour) instead of stopping")
+    _bool_flag(p, "--global-control-fallback", "--global_control_fallback",
+               help="let cell types without control cells draw basal cells from all control cells "
+               "(arc-state's silent behaviour) instead of stopping")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
     p.set_defaults(handler="state.cli.tx_handlers:infer")

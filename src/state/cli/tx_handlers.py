@@ -74,6 +74,7 @@ def infer(args: argparse.Namespace) -> int:
         max_set_len=args.max_set_len,
         quiet=args.quiet,
         unknown_as_control=args.unknown_as_control,
+        global_control_fallback=args.global_control_fallback,
     )
     log.info("wrote %s", output)
     return 0
