@@ -21,6 +21,7 @@ from typing import Any
 from state.tx import rundir
 from state.tx.data import module as tx_data
 from state.tx.models import registry
+from state.tx.train.resume_check import check_resume_fits
 from state.utils.errors import StateError
 from state.utils.logging import global_rank
 
@@ -296,6 +297,7 @@ def _train(cfg: Any) -> TrainResult:
     model = _build_model(plain, model_data_kwargs, var_dims)
     if plan.resume_from is None:
         _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"))
+    check_resume_fits(model, plan.resume_from, plan.path)
 
     run_dir = plan.path
     if is_rank_zero:
