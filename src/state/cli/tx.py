@@ -50,6 +50,9 @@ def _add_predict(sub) -> None:
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
     _bool_flag(p, "--eval-train-data", "--eval_train_data", help="predict on the training split instead of test")
     _bool_flag(p, "--pseudobulk", help="average predictions per (context, perturbation) before evaluation")
+    _bool_flag(p, "--stream-adatas", "--stream_adatas",
+               help="stream per-batch predictions to adata_pred/adata_real.h5ad, bounding memory; "
+               "requires --predict-only")
     p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 

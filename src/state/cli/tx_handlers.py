@@ -42,6 +42,7 @@ def predict(args: argparse.Namespace) -> int:
         shared_only=args.shared_only,
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
+        stream_adatas=args.stream_adatas,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
