@@ -220,6 +220,7 @@ class Run:
         max_set_len: int | None = None,
         quiet: bool = True,
         unknown_as_control: bool = False,
+        global_control_fallback: bool = False,
     ) -> ad.AnnData:
         """Simulate perturbations on the cells of ``adata``; returns a new AnnData (the input is untouched).
 
@@ -230,7 +231,8 @@ class Run:
         The input's own cells stay in the result, controls included, so it can be scored or
         submitted as is; keep ``result[result.obs[pert_col] != run.control_pert]`` for the
         perturbed cells only. Perturbations the model does not know are refused unless
-        ``unknown_as_control=True`` (then they get the control vector, as in arc-state).
+        ``unknown_as_control=True`` (then they get the control vector, as in arc-state); cell types
+        without controls unless ``global_control_fallback=True`` (all controls, as in arc-state).
 
         Column roles have ``state tx infer``'s defaults: ``pert_col`` is ``"drugname_drugconc"``
         (pass your column, e.g. ``"gene"``), the control label comes from the run, the cell-type
@@ -255,7 +257,8 @@ class Run:
                                              seed=seed)
         # the simulation step of `state tx infer`, the very same functions
         result = simulate_anndata(self.predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
-                                  unknown_as_control=unknown_as_control)
+                                  unknown_as_control=unknown_as_control,
+                                  global_control_fallback=global_control_fallback)
         return write_predictions(cells, result.preds, result.counts, embed_key=columns.embed_key,
                                  output_space=self.predictor.output_space)
 

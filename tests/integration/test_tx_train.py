@@ -233,6 +233,32 @@ def test_existing_run_dir_without_checkpoint_asks_for_overwrite(synth, tmp_path,
     assert sorted(p.name for p in existing.iterdir()) == ["config.yaml"]
 
 
+def test_resuming_a_run_of_another_model_shape_is_one_line(synth, tmp_path, capsys):
+    assert cli_run(["tx", "train", *_train_args(synth, tmp_path, "st", *TINY_STATE, steps=2)]) == 0
+    run = tmp_path / "st"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    wider = [a.replace("hidden_dim=32", "hidden_dim=16") for a in TINY_STATE]
+    assert cli_run(["tx", "train", *_train_args(synth, tmp_path, "st", *wider, steps=4)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: run ") and str(run) in err[0], err
+    assert "[32" in err[0] and "vs [16" in err[0] and "name=" in err[0] and "overwrite=true" in err[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+def test_scgpt_as_shipped_is_refused_before_anything_is_written(synth, tmp_path, capsys, monkeypatch):
+    from state.tx.train import memory_guard
+
+    # 16 HVGs: ~15 GB per step as shipped (64 HVGs: ~65 GB); a 4 GB machine must be told, not killed
+    monkeypatch.setattr(memory_guard, "available_bytes", lambda: (4 * 10**9, "available in RAM"))
+    args = [*_data_overrides(synth["toml"]), f"output_dir={tmp_path}", "name=big", "model=scgpt-genetic",
+            "model.kwargs.pretrained_path=null", "training=scgpt"]
+    assert cli_run(["tx", "train", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "training step needs" in err[0] and "model.kwargs.cell_sentence_len" in err[0], err
+    assert not (tmp_path / "big").exists()
+
+
 def test_num_nodes_reaches_the_trainer(tmp_path):
     """Multi-node runs: `+training.num_nodes=N` is handed to Lightning (which reads the usual env vars)."""
     from state.tx.train.run import _trainer

@@ -29,7 +29,7 @@ REQUIRED = {
 DEFAULTS = {
     ("tx", "predict"): dict(output_dir="runs/r", toml=None, checkpoint="last.ckpt", test_time_finetune=0,
                             profile="full", predict_only=False, skip_adatas=False, shared_only=False,
-                            eval_train_data=False, pseudobulk=False),
+                            eval_train_data=False, pseudobulk=False, stream_adatas=False),
     ("tx", "infer"): dict(checkpoint=None, adata="in.h5ad", embed_key=None, pert_col="drugname_drugconc",
                           output=None, model_dir="runs/r", celltype_col=None, celltypes=None, batch_col=None,
                           control_pert=None, seed=42, max_set_len=None, quiet=False, tsv=None, all_perts=False,
@@ -62,6 +62,7 @@ SET_FLAGS = [
     (("tx", "predict"), ["--shared-only"], "shared_only", True),
     (("tx", "predict"), ["--eval-train-data"], "eval_train_data", True),
     (("tx", "predict"), ["--pseudobulk"], "pseudobulk", True),
+    (("tx", "predict"), ["--stream-adatas"], "stream_adatas", True),
     (("tx", "infer"), ["--checkpoint", "c.ckpt"], "checkpoint", "c.ckpt"),
     (("tx", "infer"), ["--embed-key", "X_hvg"], "embed_key", "X_hvg"),
     (("tx", "infer"), ["--pert-col", "gene"], "pert_col", "gene"),

@@ -135,7 +135,7 @@ def test_all_perts_min_and_max_cells():
     assert padded.obs["gene"].astype(str).value_counts()["B"] == 5
     capped = infer_edits.cap_max_cells(a, 1, pert_col="gene", control="ctl", seed=0)
     vc = capped.obs["gene"].astype(str).value_counts()
-    assert vc["A"] == 1 and vc["B"] == 1 and vc["ctl"] == 6
+    assert vc["A"] == 1 and vc["B"] == 1 and vc["ctl"] == 1  # arc-state trims the controls too
 
 
 def test_output_slots_follow_arc_state():
@@ -150,3 +150,46 @@ def test_output_slots_follow_arc_state():
     out = write_predictions(a.copy(), narrow, np.ones((a.n_obs, 7), np.float32), embed_key="X_emb",
                             output_space="gene")
     assert "X_emb_pred" in out.obsm and out.obsm["X_hvg"].shape == (a.n_obs, 7)
+
+
+def test_edit_pipeline_follows_the_spec_worked_example(tmp_path):
+    """Spec addendum 1.6: --tsv T1:2,T2:1 --all-perts --virtual-cells-per-pert 2 --min-cells 3 --max-cells 4."""
+    from state.io.columns import InputColumns
+
+    labels = ["ctl", "A", "ctl", "A", "ctl", "B", "ctl", "B"]
+    obs = pd.DataFrame({"gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(8)])
+    a = ad.AnnData(X=sp.csr_matrix(np.arange(16, dtype=np.float32).reshape(8, 2)), obs=obs)
+    a.layers["counts"] = a.X.copy()
+    a.uns["note"] = "kept by --tsv, dropped by the concat of --all-perts"
+    tsv = tmp_path / "req.tsv"
+    tsv.write_text("perturbation\tnum_cells\nT1\t2\nT2\t1\n")
+    edits = infer_edits.InputEdits(tsv=tsv, all_perts=True, virtual_cells_per_pert=2, min_cells=3, max_cells=4)
+    roles = InputColumns(pert_col="gene", control="ctl", celltype_col=None, batch_col=None, embed_key=None)
+    out = infer_edits.apply_edits(a, edits, roles, pert_names=["A", "B", "Z", "Y", "ctl"], seed=42)
+
+    controls = np.array([0, 2, 4, 6])
+    rng = np.random.RandomState(42)
+    tsv_rows = controls[rng.randint(0, 4, 3)]  # choice(pool, k, replace=True)
+    template = controls[np.random.RandomState(42).permutation(4)[:2]]  # choice(n, K, replace=False), drawn order
+    names = [f"c{i}" for i in range(8)] + ["8", "9", "10"]
+    names += [f"c{t}__virt_{p}" for p in ("Z", "Y") for t in template]
+    # value_counts: ctl 4, A 2, B 2, T1 2, Z 2, Y 2, T2 1 -> every group below 3 gets clones, pad1.. in draw order
+    pool = np.flatnonzero(np.array(labels + ["T1", "T1", "T2"] + ["Z", "Z", "Y", "Y"]) == "ctl")
+    rng = np.random.RandomState(42)
+    pool_names = np.array(names)[pool]
+    for pert, count in pd.Series(labels + ["T1", "T1", "T2", "Z", "Z", "Y", "Y"]).value_counts().items():
+        drawn = pool_names[rng.choice(pool.size, max(0, 3 - count), replace=True)]
+        names += [f"{n}__virt_{pert}__pad{j}" for j, n in enumerate(drawn, start=1)]
+    assert list(out.obs_names) == names  # nothing is above --max-cells 4 here
+    assert out.obs["gene"].tolist()[8:11] == ["T1", "T1", "T2"]
+    assert "note" not in out.uns and not out.layers  # --tsv drops layers, the concat of --all-perts drops uns
+    tsv_only = infer_edits.pad_from_tsv(a, [("T1", 2), ("T2", 1)], pert_col="gene", control="ctl", seed=42)
+    assert isinstance(tsv_only.X, np.ndarray) and tsv_only.uns["note"] and not tsv_only.layers  # X dense
+    np.testing.assert_array_equal(tsv_only.X[8:], a.X.toarray()[tsv_rows])
+    capped = infer_edits.cap_max_cells(out, 2, pert_col="gene", seed=42)
+    rng = np.random.RandomState(43)  # seed + 1; labels visited sorted, control included
+    kept = np.concatenate([rng.choice(np.flatnonzero(out.obs["gene"] == p), 2, replace=False)
+                           if (out.obs["gene"] == p).sum() > 2 else np.flatnonzero(out.obs["gene"] == p)
+                           for p in np.unique(out.obs["gene"])])
+    assert list(capped.obs_names) == list(out.obs_names[np.sort(kept)])
+    assert capped.obs["gene"].value_counts()["ctl"] == 2

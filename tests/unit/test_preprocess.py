@@ -223,6 +223,7 @@ def _bad_inputs(tmp_path, raw_path):
     unused = raw.copy()
     unused.obs["gene"] = unused.obs["gene"].cat.rename_categories({"non-targeting": "ctrl"})
     unused.obs["gene"] = unused.obs["gene"].cat.add_categories("non-targeting")
+    empty = raw[:0].copy()
     (tmp_path / "notes.txt").write_text("not an h5ad\n")
     (tmp_path / "folder").mkdir()
     train = "preprocess_train"
@@ -238,6 +239,7 @@ def _bad_inputs(tmp_path, raw_path):
         "inf": (train, _write(inf, tmp_path / "inf.h5ad"), []),
         "log1p values": (train, _write(logged, tmp_path / "logged.h5ad"), []),
         "uns log1p": (train, _write(tagged, tmp_path / "tagged.h5ad"), []),
+        "no cells": (train, _write(empty, tmp_path / "empty.h5ad"), []),
         "output under a file": (train, raw_path, ["--output", str(raw_path / "out.h5ad")]),
         "output is input": (train, raw_path, ["--output", str(raw_path)]),
         "output is a folder": (train, raw_path, ["--output", str(tmp_path / "folder")]),

@@ -51,6 +51,9 @@ def _add_predict(sub) -> None:
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
     _bool_flag(p, "--eval-train-data", "--eval_train_data", help="predict on the training split instead of test")
     _bool_flag(p, "--pseudobulk", help="average predictions per (context, perturbation) before evaluation")
+    _bool_flag(p, "--stream-adatas", "--stream_adatas",
+               help="stream per-batch predictions to adata_pred/adata_real.h5ad, bounding memory; "
+               "requires --predict-only")
     p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 
@@ -86,6 +89,9 @@ def _add_infer(sub) -> None:
                    help="subsample perturbations above N cells")
     _bool_flag(p, "--unknown-as-control", "--unknown_as_control",
                help="simulate perturbations the model does not know with the control vector "
+               "(arc-state's silent behaviour) instead of stopping")
+    _bool_flag(p, "--global-control-fallback", "--global_control_fallback",
+               help="let cell types without control cells draw basal cells from all control cells "
                "(arc-state's silent behaviour) instead of stopping")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused

@@ -43,6 +43,7 @@ def predict(args: argparse.Namespace) -> int:
         shared_only=args.shared_only,
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
+        stream_adatas=args.stream_adatas,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
@@ -75,6 +76,7 @@ def infer(args: argparse.Namespace) -> int:
         max_set_len=args.max_set_len,
         quiet=args.quiet,
         unknown_as_control=args.unknown_as_control,
+        global_control_fallback=args.global_control_fallback,
     )
     log.info("wrote %s", output)
     return 0

@@ -176,6 +176,9 @@ def _check_raw_counts(X, *, path, input_is_log1p: bool, uns) -> None:
 
 def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, path=None) -> None:
     """In place: check X, normalize_total + log1p (unless ``input_is_log1p``), HVGs, ``obsm['X_hvg']``."""
+    if adata.n_obs == 0:
+        raise StateError(f"{path or 'the input'} has no cells (shape 0 x {adata.n_vars})",
+                         hint="pass the h5ad with the cells to train on")
     if num_hvgs < 1 or num_hvgs > adata.n_vars:
         raise StateError(
             f"--num_hvgs {num_hvgs} is out of range: {path or 'the input'} has {adata.n_vars} genes",

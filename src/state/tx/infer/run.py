@@ -8,6 +8,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
 from state.io.columns import ColumnChoices, InputColumns, resolve_columns
@@ -88,6 +89,7 @@ def run_infer(
     max_set_len: int | None = None,
     quiet: bool = False,
     unknown_as_control: bool = False,
+    global_control_fallback: bool = False,
 ) -> Path:
     """``state tx infer``: simulate every cell of ``adata_path`` with a run's checkpoint; returns the output path.
 
@@ -97,15 +99,18 @@ def run_infer(
     from state.io.anndata_checks import read_h5ad_checked
     from state.tx.infer.predictor import load_predictor
 
+    edits = edits or InputEdits()
+    edits.check()
     output = _checked_output(output, adata_path)
     predictor = load_predictor(model_dir, checkpoint)
     adata = read_h5ad_checked(adata_path)
     roles = resolve_columns(adata, columns or ColumnChoices(), predictor.run_columns, cli=True,
                             source=str(adata_path))
-    adata = infer_edits.apply_edits(adata, edits or InputEdits(), roles, pert_names=predictor.pert_names, seed=seed)
+    check_finite_features(adata, roles.embed_key, source=str(adata_path))
+    adata = infer_edits.apply_edits(adata, edits, roles, pert_names=predictor.pert_names, seed=seed)
     roles.require_controls(adata, source=str(adata_path))
     result = simulate_anndata(predictor, adata, roles, seed=seed, max_set_len=max_set_len, quiet=quiet,
-                              unknown_as_control=unknown_as_control)
+                              unknown_as_control=unknown_as_control, global_control_fallback=global_control_fallback)
     if output.suffix.lower() == ".npy":
         main = result.preds  # float32, clipped in place: no output-sized copies
         if predictor.output_space in ("gene", "all"):
@@ -128,6 +133,7 @@ def simulate_anndata(
     max_set_len: int | None,
     quiet: bool = False,
     unknown_as_control: bool = False,
+    global_control_fallback: bool = False,
 ) -> SimulationResult:
     """Simulate every row of an in-memory AnnData (the core of ``state tx infer`` and ``api``).
 
@@ -143,7 +149,8 @@ def simulate_anndata(
         adata = predictor.align_genes(adata)
     read, width = feature_reader(adata, columns.embed_key)
     predictor.check_input_width(width, embed_key=columns.embed_key)
-    check_labels(labels, groups, predictor, columns, unknown_as_control=unknown_as_control)
+    check_labels(labels, groups, predictor, columns, unknown_as_control=unknown_as_control,
+                 global_control_fallback=global_control_fallback)
     set_len = int(max_set_len or predictor.cell_set_len)
     windows, skipped = plan_windows(labels, groups, control=columns.control, set_len=set_len, seed=seed)
     if skipped:
@@ -154,8 +161,26 @@ def simulate_anndata(
     return result
 
 
+def check_finite_features(adata: ad.AnnData, embed_key: str | None, *, source: str) -> None:
+    """Refuse NaN / inf features: the model would turn them into NaN predictions without a word."""
+    matrix = adata.X if embed_key is None else adata.obsm[embed_key]
+    if matrix is None:
+        return
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    bad_rows = 0
+    for start in range(0, values.shape[0], 65536):  # in slices: no input-sized boolean copy
+        chunk = values[start : start + 65536]
+        finite = np.isfinite(chunk)
+        bad_rows += int((~finite).sum()) if sp.issparse(matrix) else int((~finite.all(axis=-1)).sum())
+    if bad_rows:
+        slot = "X" if embed_key is None else f"obsm['{embed_key}']"
+        unit = "value(s)" if sp.issparse(matrix) else "cell(s)"
+        raise StateError(f"{source}: {slot} holds NaN or infinite values in {bad_rows} {unit}",
+                         hint="fix or drop those cells before inferring (predictions would be NaN)")
+
+
 def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, columns: InputColumns, *,
-                 unknown_as_control: bool) -> None:
+                 unknown_as_control: bool, global_control_fallback: bool = False) -> None:
     """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
     control = columns.control
     unknown = sorted(set(pd.unique(labels)) - set(predictor.pert_names) - {control})
@@ -173,13 +198,16 @@ def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, columns: Inp
     group_codes, group_names = pd.factorize(groups, sort=True)
     has_control = np.bincount(group_codes[is_control], minlength=len(group_names)) > 0
     lacking = [str(g) for g in group_names[~has_control]]
-    if lacking and is_control.any():
-        flag = columns.flag("celltypes")
+    if lacking and is_control.any() and not global_control_fallback:
+        fallback = columns.flag("global_control_fallback") + ("" if columns.cli else "=True")
         raise StateError(
             f"no control cells ('{control}') in cell type(s) {', '.join(lacking[:10])}: their basal cells "
             "would come from other cell types",
-            hint=f"add control cells of those cell types, or leave them out with {flag}",
+            hint=f"add control cells of those cell types, leave them out with {columns.flag('celltypes')}, or pass "
+            f"{fallback} to draw them from all control cells (as arc-state does)",
         )
+    if lacking and is_control.any():
+        log.warning("cell type(s) without controls draw basal cells from all controls: %s", ", ".join(lacking[:10]))
 
 
 def keep_unpredicted(preds: np.ndarray, done: np.ndarray, adata: ad.AnnData, embed_key: str | None) -> np.ndarray:

@@ -70,12 +70,15 @@ class PredictionCollector:
         if self.pseudobulk:
             self._add_sums(values, meta, keep)
             return
-        for key, arr in values.items():
-            if arr is not None:
-                self.arrays[key].append(arr[keep])
+        self._store(values, keep)
         for key, col in meta.items():
             if col is not None:
                 self.columns[key].extend(np.asarray(col, dtype=object)[keep].tolist())
+
+    def _store(self, values: dict, keep: np.ndarray) -> None:
+        for key, arr in values.items():
+            if arr is not None:
+                self.arrays[key].append(arr[keep])
 
     def _add_sums(self, values: dict, meta: dict, keep: np.ndarray) -> None:
         for i in np.flatnonzero(keep):

@@ -112,6 +112,49 @@ def _collect(model, loader, collector: PredictionCollector) -> PredictionCollect
     return collector
 
 
+def check_stream_flags(*, predict_only: bool, skip_adatas: bool, stream_adatas: bool, pseudobulk: bool) -> bool:
+    """arc-state main's rules for ``--stream-adatas``, checked before anything is loaded; returns
+    whether to stream (``--pseudobulk`` already aggregates with little memory, so it wins)."""
+    if predict_only and skip_adatas:
+        log.warning("--predict-only with --skip-adatas: nothing but the predictions' count will come out")
+    if stream_adatas and not predict_only:
+        raise StateError("--stream-adatas requires --predict-only: streaming skips the in-process cell-eval",
+                         hint="add --predict-only and score the written h5ads downstream")
+    if stream_adatas and skip_adatas:
+        raise StateError("--stream-adatas cannot be combined with --skip-adatas: streaming exists to write the "
+                         "AnnData outputs", hint="drop one of the two flags")
+    if stream_adatas and pseudobulk:
+        log.warning("--stream-adatas ignored: --pseudobulk already aggregates in a streaming, low-memory fashion")
+        return False
+    return stream_adatas
+
+
+def _stream(model, loader, eval_dir: Path, data_kwargs: dict, *, keep_perts, gene_names) -> PredictResult:
+    """Predict and write adata_pred / adata_real batch by batch (bounded memory, no metrics)."""
+    from state.io.atomic import atomic_path
+    from state.tx.predict.collect import _obs_frame, _var
+    from state.tx.predict.stream import StreamingCollector
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    n_obs = getattr(getattr(loader, "batch_sampler", None), "tot_num", None) or len(loader.dataset)
+    paths = [eval_dir / "adata_pred.h5ad", eval_dir / "adata_real.h5ad"]
+    with atomic_path(paths[0]) as tmp_pred, atomic_path(paths[1]) as tmp_real:
+        collector = StreamingCollector(tmp_pred, tmp_real, n_obs=n_obs, embed_key=data_kwargs.get("embed_key"),
+                                       output_space=data_kwargs.get("output_space", "gene"), keep_perts=keep_perts)
+        try:
+            _collect(model, loader, collector)
+            _, obs = collector.stacked()
+            obs = _obs_frame(obs, pert_col=data_kwargs.get("pert_col", "gene"),
+                             cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
+                             batch_key=data_kwargs.get("batch_col") or "batch")
+            collector.finish(obs, lambda width: _var(width, gene_names or None))
+        except BaseException:
+            collector.abort()
+            raise
+    log.info("Streaming complete; skipping in-process cell-eval. Score the written h5ads downstream.")
+    return PredictResult(eval_dir=eval_dir, n_cells=collector.n_cells, adata_paths=paths)
+
+
 def predict(
     output_dir: str | Path,
     *,
@@ -124,7 +167,10 @@ def predict(
     shared_only: bool = False,
     eval_train_data: bool = False,
     pseudobulk: bool = False,
+    stream_adatas: bool = False,
 ) -> PredictResult:
+    stream_adatas = check_stream_flags(predict_only=predict_only, skip_adatas=skip_adatas,
+                                       stream_adatas=stream_adatas, pseudobulk=pseudobulk)
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
     run_dir = rundir.stored_run_dir(output_dir, cfg)
@@ -138,12 +184,13 @@ def predict(
     if test_time_finetune > 0:
         _test_time_finetune(model, loader, epochs=test_time_finetune, control=control)
     shared = data.get_shared_perturbations() if shared_only else None
-    collector = _collect(model, loader, PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared))
-
     eval_dir = output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
-    eval_dir.mkdir(parents=True, exist_ok=True)
     data_kwargs = cfg["data"]["kwargs"]
     pert_col, cell_type_key = data_kwargs.get("pert_col", "gene"), data_kwargs.get("cell_type_key", "cell_type")
+    if stream_adatas:
+        return _stream(model, loader, eval_dir, data_kwargs, keep_perts=shared, gene_names=rundir.read_genes(run_dir))
+    collector = _collect(model, loader, PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared))
+    eval_dir.mkdir(parents=True, exist_ok=True)
     adata_pred, adata_real = build_anndatas(
         collector, pert_col=pert_col, cell_type_key=cell_type_key, batch_key=data_kwargs.get("batch_col") or "batch",
         embed_key=data_kwargs.get("embed_key"), output_space=data_kwargs.get("output_space", "gene"),

@@ -23,6 +23,8 @@ from state.tx.config.architecture import TransitionConfig, model_set_length
 from state.tx.config.validate import validate_tx_config
 from state.tx.data import module as tx_data
 from state.tx.models import registry
+from state.tx.train.memory_guard import check_step_memory
+from state.tx.train.resume_check import check_resume_fits
 from state.utils.errors import StateError
 from state.utils.logging import global_rank
 from state.utils.plain import resolved_config
@@ -254,6 +256,8 @@ def _train(cfg: Any) -> TrainResult:
     dm = tx_data.build_data_module(plain["data"].get("name", "PerturbationDataModule"), data_kwargs,
                                    batch_size=batch_size, cell_sentence_len=set_len)
     var_dims = tx_data.setup_data_module(dm)
+    check_step_memory(model_name, plain["model"].get("kwargs") or {}, cells=batch_size * set_len,
+                      genes=int(var_dims.get("input_dim") or 0))
     # arc-state builds the training loader once before fit (cell-load's sampler draws from numpy's
     # global RNG when it is built); doing the same keeps the sampled cell sets identical for a seed.
     log.info("training split: %d batches per epoch", len(dm.train_dataloader()))
@@ -262,6 +266,7 @@ def _train(cfg: Any) -> TrainResult:
     model = _build_model(plain, model_data_kwargs, var_dims)
     if plan.resume_from is None:
         _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"))
+    check_resume_fits(model, plan.resume_from, plan.path)
 
     run_dir = plan.path
     if is_rank_zero:
