@@ -86,6 +86,12 @@ def _add_infer(sub) -> None:
     _bool_flag(p, "--unknown-as-control", "--unknown_as_control",
                help="simulate perturbations the model does not know with the control vector "
                "(arc-state's silent behaviour) instead of stopping")
+    # Not in arc-state: VCC 2026 / cell-eval2 score raw integer counts.
+    p.add_argument("--output-counts", "--counts", dest="output_counts", nargs="?", const="stochastic",
+                   default=None, choices=["stochastic", "multinomial"],
+                   help="write integer counts to X instead of log1p values: expm1 of the prediction scaled to "
+                   "library sizes drawn from the input's control cells, rounded by the given rule "
+                   "(default stochastic), reproducible with --seed; recorded in uns['state_counts']")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
     p.set_defaults(handler="state.cli.tx_handlers:infer")

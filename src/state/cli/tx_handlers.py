@@ -75,6 +75,7 @@ def infer(args: argparse.Namespace) -> int:
         max_set_len=args.max_set_len,
         quiet=args.quiet,
         unknown_as_control=args.unknown_as_control,
+        counts_method=args.output_counts,
     )
     log.info("wrote %s", output)
     return 0
