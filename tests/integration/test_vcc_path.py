@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers.synthetic import make_processed_dataset, write_toml
@@ -112,3 +113,19 @@ def test_vcc2026_counts_submission(vcc_run, tmp_path):
 
     validate_input_type(a, config.input_type, allow_fractional=config.allow_fractional_counts)
     check_scale_limit(a, config.input_type, config.max_counts_per_cell)
+
+
+def test_predict_scores_with_both_years_scorers(vcc_run, caplog):
+    pytest.importorskip("cell_eval2")
+    root, _, _ = vcc_run
+    assert main(["tx", "predict", "--output-dir", str(root / "run"), "--checkpoint", "final.ckpt",
+                 "--scorer", "both", "--preset", "vcc2026"]) == 0
+    eval_dir = root / "run" / "eval_final.ckpt"
+    assert list(eval_dir.glob("*_agg_results.csv"))  # cell-eval's tables
+    scores = pd.read_csv(eval_dir / "cell_eval2_scores.csv")  # cell-eval2's, next to them
+    assert {"pds_cosine", "expr_mse_unbiased_capped_norm", "de_wilcoxon_sig_jaccard"} <= set(scores["metric"])
+    assert scores.set_index("metric")["value"].notna().any()
+    for cell_type in scores["cell_type"].unique():
+        assert (eval_dir / "cell_eval2" / cell_type / "agg_results.csv").is_file()
+    # two test perturbations give cell-eval2 a degenerate mean-response baseline: raw metrics, and a warning
+    assert scores["from_baseline"].isna().all() and "no scaled scores" in caplog.text

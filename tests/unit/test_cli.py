@@ -29,7 +29,8 @@ REQUIRED = {
 DEFAULTS = {
     ("tx", "predict"): dict(output_dir="runs/r", toml=None, checkpoint="last.ckpt", test_time_finetune=0,
                             profile="full", predict_only=False, skip_adatas=False, shared_only=False,
-                            eval_train_data=False, pseudobulk=False),
+                            eval_train_data=False, pseudobulk=False, scorer="cell-eval",
+                            preset="vcc2026"),
     ("tx", "infer"): dict(checkpoint=None, adata="in.h5ad", embed_key=None, pert_col="drugname_drugconc",
                           output=None, model_dir="runs/r", celltype_col=None, celltypes=None, batch_col=None,
                           control_pert=None, seed=42, max_set_len=None, quiet=False, tsv=None, all_perts=False,
@@ -58,6 +59,8 @@ SET_FLAGS = [
     (("tx", "predict"), ["--test-time-finetune", "3"], "test_time_finetune", 3),
     (("tx", "predict"), ["--profile", "minimal"], "profile", "minimal"),
     (("tx", "predict"), ["--predict-only"], "predict_only", True),
+    (("tx", "predict"), ["--scorer", "cell-eval2"], "scorer", "cell-eval2"),
+    (("tx", "predict"), ["--preset", "v2"], "preset", "v2"),
     (("tx", "predict"), ["--skip-adatas"], "skip_adatas", True),
     (("tx", "predict"), ["--shared-only"], "shared_only", True),
     (("tx", "predict"), ["--eval-train-data"], "eval_train_data", True),

@@ -45,6 +45,11 @@ def _add_predict(sub) -> None:
                    help="epochs of fine-tuning on control-only batches before predicting")
     p.add_argument("--profile", default="full", choices=["full", "minimal", "de", "anndata", "vcc"],
                    help="cell-eval metric profile")
+    # Not in arc-state: the 2026 challenge scores with cell-eval2 (extra: pip install 'state[eval2]').
+    p.add_argument("--scorer", default="cell-eval", choices=["cell-eval", "cell-eval2", "both"],
+                   help="scoring package: cell-eval (2025 challenge), cell-eval2 (2026 challenge; tables in "
+                   "<eval dir>/cell_eval2/, scaled scores in cell_eval2_scores.csv) or both")
+    p.add_argument("--preset", default="vcc2026", help="cell-eval2 preset (vcc2026 is the 2026 challenge's)")
     _bool_flag(p, "--predict-only", "--predict_only", help="skip cell-eval metrics")
     _bool_flag(p, "--skip-adatas", "--skip_adatas", help="do not write adata_pred.h5ad / adata_real.h5ad")
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")

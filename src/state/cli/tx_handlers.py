@@ -43,11 +43,17 @@ def predict(args: argparse.Namespace) -> int:
         shared_only=args.shared_only,
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
+        scorer=args.scorer,
+        preset=args.preset,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
 
         print(format_summary(result.metrics))  # the command's result, so stdout
+    if result.scores_eval2:
+        from state.tx.predict.eval2 import format_eval2_summary
+
+        print(format_eval2_summary(result.scores_eval2, preset=args.preset))
     log.info("results in %s", result.eval_dir)
     return 0
 
