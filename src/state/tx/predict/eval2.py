@@ -35,6 +35,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from state.utils.errors import StateError
 
@@ -61,8 +62,9 @@ def require_cell_eval2(preset: str) -> None:
 
 
 def _input_type(adata: ad.AnnData) -> str:
+    """``counts`` for whole numbers (raw counts), else ``lognorm`` (predict's usual log1p values)."""
     x = adata.X
-    values = x.data if hasattr(x, "data") and not isinstance(x, np.ndarray) else np.asarray(x)
+    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
     return "counts" if values.size and np.all(np.mod(values[:1_000_000], 1) == 0) else "lognorm"
 
 
@@ -143,7 +145,11 @@ def score_with_cell_eval2(
     cell_type_key: str,
     preset: str = DEFAULT_PRESET,
 ) -> dict[str, pd.DataFrame]:
-    """Score per cell type with cell-eval2; returns cell type -> ``scores.csv`` table."""
+    """Score per cell type with cell-eval2.
+
+    Returns cell type -> table of ``metric``, ``value`` (mean over perturbations), ``from_baseline``,
+    ``from_replicate`` (NaN where cell-eval2 could not scale) and ``input_type``.
+    """
     require_cell_eval2(preset)
     outdir = Path(outdir)
     staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER}-", dir=outdir))
