@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers.synthetic import make_processed_dataset, write_toml
@@ -74,3 +75,57 @@ def test_vcc_submission_from_control_template(vcc_run, tmp_path):
                     "--expected-gene-dim", "-1"], check=True, capture_output=True)
     with tarfile.open(vcc) as tar:
         assert set(tar.getnames()) == {"pred.h5ad.zst", "watermark.txt"}
+
+
+def _counts_template(adata):
+    """Control cells with a raw-counts layer whose depths differ from cell to cell."""
+    template = adata[adata.obs["target_gene"].astype(str) == "non-targeting"].copy()
+    x = template.X.toarray() if hasattr(template.X, "toarray") else np.asarray(template.X)
+    depth = np.random.default_rng(0).integers(2_000, 20_000, size=template.n_obs)
+    expression = np.expm1(x.astype(np.float64))
+    template.layers["counts"] = np.round(expression / expression.sum(1, keepdims=True) * depth[:, None])
+    return template, template.layers["counts"].sum(1)
+
+
+def test_vcc2026_counts_submission(vcc_run, tmp_path):
+    root, adata, perts = vcc_run
+    template, depths = _counts_template(adata)
+    template_path = tmp_path / "controls.h5ad"
+    template.write_h5ad(template_path)
+    tsv = tmp_path / "pert_counts.tsv"
+    tsv.write_text("perturbation\tnum_cells\n" + "".join(f"{p}\t8\n" for p in perts))
+    outputs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        outputs.append(tmp_path / f"{name}.h5ad")
+        assert main(["tx", "infer", "--model-dir", str(root / "run"), "--adata", str(template_path),
+                     "--pert-col", "target_gene", "--tsv", str(tsv), "--output", str(outputs[-1]), "--quiet",
+                     "--seed", str(seed), "--output-counts"]) == 0
+    a, b, c = (ad.read_h5ad(p) for p in outputs)
+    assert a.shape == (template.n_obs + 8 * len(perts), adata.n_vars)
+    assert np.issubdtype(a.X.dtype, np.integer) and a.X.min() >= 0
+    assert (a.X != b.X).nnz == 0 and (a.X != c.X).nnz > 0  # fixed by --seed
+    assert a.uns["state_counts"]["library_size_source"] == "layers['counts']"
+    totals = np.asarray(a.X.sum(axis=1)).ravel()
+    assert totals.min() >= 0.98 * depths.min() and totals.max() <= 1.02 * depths.max()
+
+    config = pytest.importorskip("cell_eval2").EvalConfig.from_preset("vcc2026")
+    from cell_eval2.norm import check_scale_limit, validate_input_type
+
+    validate_input_type(a, config.input_type, allow_fractional=config.allow_fractional_counts)
+    check_scale_limit(a, config.input_type, config.max_counts_per_cell)
+
+
+def test_predict_scores_with_both_years_scorers(vcc_run, caplog):
+    pytest.importorskip("cell_eval2")
+    root, _, _ = vcc_run
+    assert main(["tx", "predict", "--output-dir", str(root / "run"), "--checkpoint", "final.ckpt",
+                 "--scorer", "both", "--preset", "vcc2026"]) == 0
+    eval_dir = root / "run" / "eval_final.ckpt"
+    assert list(eval_dir.glob("*_agg_results.csv"))  # cell-eval's tables
+    scores = pd.read_csv(eval_dir / "cell_eval2_scores.csv")  # cell-eval2's, next to them
+    assert {"pds_cosine", "expr_mse_unbiased_capped_norm", "de_wilcoxon_sig_jaccard"} <= set(scores["metric"])
+    assert scores.set_index("metric")["value"].notna().any()
+    for cell_type in scores["cell_type"].unique():
+        assert (eval_dir / "cell_eval2" / cell_type / "agg_results.csv").is_file()
+    # two test perturbations give cell-eval2 a degenerate mean-response baseline: raw metrics, and a warning
+    assert scores["from_baseline"].isna().all() and "no scaled scores" in caplog.text

@@ -46,6 +46,11 @@ def _add_predict(sub) -> None:
                    help="epochs of fine-tuning on control-only batches before predicting")
     p.add_argument("--profile", default="full", choices=["full", "minimal", "de", "anndata", "vcc"],
                    help="cell-eval metric profile")
+    # Not in arc-state: the 2026 challenge scores with cell-eval2 (extra: pip install 'state[eval2]').
+    p.add_argument("--scorer", default="cell-eval", choices=["cell-eval", "cell-eval2", "both"],
+                   help="scoring package: cell-eval (2025 challenge), cell-eval2 (2026 challenge; tables in "
+                   "<eval dir>/cell_eval2/, scaled scores in cell_eval2_scores.csv) or both")
+    p.add_argument("--preset", default="vcc2026", help="cell-eval2 preset (vcc2026 is the 2026 challenge's)")
     _bool_flag(p, "--predict-only", "--predict_only", help="skip cell-eval metrics")
     _bool_flag(p, "--skip-adatas", "--skip_adatas", help="do not write adata_pred.h5ad / adata_real.h5ad")
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
@@ -93,6 +98,12 @@ def _add_infer(sub) -> None:
     _bool_flag(p, "--global-control-fallback", "--global_control_fallback",
                help="let cell types without control cells draw basal cells from all control cells "
                "(arc-state's silent behaviour) instead of stopping")
+    # Not in arc-state: VCC 2026 / cell-eval2 score raw integer counts.
+    p.add_argument("--output-counts", "--counts", dest="output_counts", nargs="?", const="stochastic",
+                   default=None, choices=["stochastic", "multinomial"],
+                   help="write integer counts to X instead of log1p values: expm1 of the prediction scaled to "
+                   "library sizes drawn from the input's control cells, rounded by the given rule "
+                   "(default stochastic), reproducible with --seed; recorded in uns['state_counts']")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
     p.set_defaults(handler="state.cli.tx_handlers:infer")

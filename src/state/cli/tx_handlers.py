@@ -44,11 +44,17 @@ def predict(args: argparse.Namespace) -> int:
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
         stream_adatas=args.stream_adatas,
+        scorer=args.scorer,
+        preset=args.preset,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
 
         print(format_summary(result.metrics))  # the command's result, so stdout
+    if result.scores_eval2:
+        from state.tx.predict.eval2 import format_eval2_summary
+
+        print(format_eval2_summary(result.scores_eval2, preset=args.preset))
     log.info("results in %s", result.eval_dir)
     return 0
 
@@ -77,6 +83,7 @@ def infer(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         unknown_as_control=args.unknown_as_control,
         global_control_fallback=args.global_control_fallback,
+        counts_method=args.output_counts,
     )
     log.info("wrote %s", output)
     return 0

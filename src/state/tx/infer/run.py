@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
 from state.io.columns import ColumnChoices, InputColumns, resolve_columns
+from state.tx.infer import counts as infer_counts
 from state.tx.infer import edits as infer_edits
 from state.tx.infer.edits import InputEdits
 from state.tx.infer.simulate import CLIP_MAX, SimulationResult, feature_reader, plan_windows, simulate
@@ -90,11 +91,13 @@ def run_infer(
     quiet: bool = False,
     unknown_as_control: bool = False,
     global_control_fallback: bool = False,
+    counts_method: str | None = None,
 ) -> Path:
     """``state tx infer``: simulate every cell of ``adata_path`` with a run's checkpoint; returns the output path.
 
     ``columns`` default to the command's (``--pert-col drugname_drugconc``, auto-detected cell
-    types, .X features); ``edits`` to none.
+    types, .X features); ``edits`` to none. ``counts_method`` (``--output-counts``) writes integer
+    counts instead of log1p values (:mod:`state.tx.infer.counts`).
     """
     from state.io.anndata_checks import read_h5ad_checked
     from state.tx.infer.predictor import load_predictor
@@ -109,6 +112,10 @@ def run_infer(
     check_finite_features(adata, roles.embed_key, source=str(adata_path))
     adata = infer_edits.apply_edits(adata, edits, roles, pert_names=predictor.pert_names, seed=seed)
     roles.require_controls(adata, source=str(adata_path))
+    counts_plan = None
+    if counts_method is not None:  # library sizes come from the input, before X holds predictions
+        counts_plan = infer_counts.plan_counts(adata, roles, method=counts_method, seed=seed,
+                                               output_space=predictor.output_space, output=output)
     result = simulate_anndata(predictor, adata, roles, seed=seed, max_set_len=max_set_len, quiet=quiet,
                               unknown_as_control=unknown_as_control, global_control_fallback=global_control_fallback)
     if output.suffix.lower() == ".npy":
@@ -120,6 +127,10 @@ def run_infer(
         return output
     adata = write_predictions(adata, result.preds, result.counts, embed_key=roles.embed_key,
                               output_space=predictor.output_space)
+    if counts_plan is not None:
+        in_x = infer_counts.prediction_in_x(embed_key=roles.embed_key, output_space=predictor.output_space,
+                                            preds=result.preds, counts=result.counts, n_vars=adata.n_vars)
+        adata = infer_counts.apply_counts(counts_plan, adata, in_x=in_x)
     atomic_write_h5ad(adata, output)
     return output
 

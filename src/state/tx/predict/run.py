@@ -32,6 +32,7 @@ class PredictResult:
     n_cells: int
     adata_paths: list[Path] = field(default_factory=list)
     metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
+    scores_eval2: dict[str, object] = field(default_factory=dict)  # cell type -> cell-eval2 scores (pandas)
 
 
 def load_run_config(output_dir: Path) -> dict:
@@ -168,9 +169,19 @@ def predict(
     eval_train_data: bool = False,
     pseudobulk: bool = False,
     stream_adatas: bool = False,
+    scorer: str = "cell-eval",
+    preset: str | None = None,
 ) -> PredictResult:
+    from state.tx.predict import eval2
+
     stream_adatas = check_stream_flags(predict_only=predict_only, skip_adatas=skip_adatas,
                                        stream_adatas=stream_adatas, pseudobulk=pseudobulk)
+    if scorer not in eval2.SCORERS:
+        raise StateError(f"unknown scorer '{scorer}'", hint=f"use one of {', '.join(eval2.SCORERS)}")
+    use_eval2 = scorer != "cell-eval" and not predict_only
+    preset = preset or eval2.DEFAULT_PRESET
+    if use_eval2:
+        eval2.require_cell_eval2(preset)  # before any work, so a missing extra writes nothing
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
     run_dir = rundir.stored_run_dir(output_dir, cfg)
@@ -200,7 +211,11 @@ def predict(
     if not skip_adatas:
         for name, adata in (("adata_pred.h5ad", adata_pred), ("adata_real.h5ad", adata_real)):
             result.adata_paths.append(atomic_write_h5ad(adata, eval_dir / name))
-    if not predict_only:
+    if use_eval2:
+        result.scores_eval2 = eval2.score_with_cell_eval2(
+            adata_pred, adata_real, outdir=eval_dir, control_pert=control, pert_col=pert_col,
+            cell_type_key=cell_type_key, preset=preset)
+    if not predict_only and scorer != "cell-eval2":
         from state.tx.predict.evaluate import evaluate_and_plot
 
         result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
