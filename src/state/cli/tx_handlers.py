@@ -76,6 +76,7 @@ def infer(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         unknown_as_control=args.unknown_as_control,
         global_control_fallback=args.global_control_fallback,
+        verbose=args.verbose,
     )
     log.info("wrote %s", output)
     return 0
