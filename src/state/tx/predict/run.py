@@ -81,7 +81,8 @@ def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
                 if batch["pert_name"][0] != control:
                     continue
                 optimizer.zero_grad()
-                loss = model.training_step(batch_to_device(batch, model.device), idx, padded=False)
+                loss = model.training_step(model.normalize_batch(batch_to_device(batch, model.device)), idx,
+                                           padded=False)
                 loss.backward()
                 optimizer.step()
                 steps += 1
