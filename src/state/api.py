@@ -257,8 +257,7 @@ class Run:
                                              seed=seed)
         # the simulation step of `state tx infer`, the very same functions
         result = simulate_anndata(self.predictor, cells, columns, seed=seed, max_set_len=max_set_len, quiet=quiet,
-                                  unknown_as_control=unknown_as_control,
-                                  global_control_fallback=global_control_fallback)
+                                  unknown_as_control=unknown_as_control, global_control_fallback=global_control_fallback)
         return write_predictions(cells, result.preds, result.counts, embed_key=columns.embed_key,
                                  output_space=self.predictor.output_space)
 

@@ -44,6 +44,8 @@ def test_streamed_files_equal_the_in_memory_ones(moved_run):
         assert got.X.dtype == np.float32 and got.shape == expected.shape
         np.testing.assert_array_equal(got.X, expected.X)
         assert got.obs.equals(expected.obs) and got.var.equals(expected.var)
+        for adata in (got, expected):  # PR #246: the HVG names of the output columns
+            assert list(adata.uns["X_hvg_var_names"]) == adata.var["gene_name"].tolist()
     assert sorted(p.name for p in out.iterdir()) == ["adata_pred.h5ad", "adata_real.h5ad"]  # no metrics
 
 

@@ -259,6 +259,19 @@ def test_scgpt_as_shipped_is_refused_before_anything_is_written(synth, tmp_path,
     assert not (tmp_path / "big").exists()
 
 
+def test_raw_count_keys_train_carry_and_validate(synth, tmp_path, capsys):
+    raw = ["model=perturb_mean", "+model.kwargs.log1p_from_raw_counts=true"]
+    assert cli_run(["tx", "train", *_train_args(synth, tmp_path, "raw", *raw, steps=1),
+                    "+model.kwargs.counts_target_sum=0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "counts_target_sum must be positive" in err[0] and not (tmp_path / "raw").exists()
+    assert cli_run(["tx", "train", *_train_args(synth, tmp_path, "raw", *raw, steps=1)]) == 0
+    hparams = safe_torch_load(tmp_path / "raw" / "checkpoints" / "final.ckpt")["hyper_parameters"]
+    assert hparams["log1p_from_raw_counts"] is True and hparams["counts_target_sum"] == 10000.0
+    assert cli_run(["tx", "predict", "--output-dir", str(tmp_path / "raw"), "--checkpoint", "final.ckpt",
+                    "--predict-only"]) == 0
+
+
 def test_num_nodes_reaches_the_trainer(tmp_path):
     """Multi-node runs: `+training.num_nodes=N` is handed to Lightning (which reads the usual env vars)."""
     from state.tx.train.run import _trainer

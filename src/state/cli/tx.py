@@ -95,6 +95,8 @@ def _add_infer(sub) -> None:
     _bool_flag(p, "--unknown-as-control", "--unknown_as_control",
                help="simulate perturbations the model does not know with the control vector "
                "(arc-state's silent behaviour) instead of stopping")
+    _bool_flag(p, "--verbose", help="with --embed-key X_hvg: say whether the input names its HVG columns "
+               "(uns['X_hvg_var_names'])")
     _bool_flag(p, "--global-control-fallback", "--global_control_fallback",
                help="let cell types without control cells draw basal cells from all control cells "
                "(arc-state's silent behaviour) instead of stopping")

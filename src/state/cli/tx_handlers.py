@@ -84,6 +84,7 @@ def infer(args: argparse.Namespace) -> int:
         unknown_as_control=args.unknown_as_control,
         global_control_fallback=args.global_control_fallback,
         counts_method=args.output_counts,
+        verbose=args.verbose,
     )
     log.info("wrote %s", output)
     return 0

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 
 from state.io import anndata_checks as checks
 from state.io.atomic import atomic_write_h5ad
+from state.io.hvg_names import HVG_NAMES_KEY, as_names_array
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, p
         adata.var[column] = table[column].to_numpy()
     adata.uns["hvg"] = {"flavor": "seurat"}
     adata.obsm["X_hvg"] = _dense_columns(adata.X, table["highly_variable"].to_numpy())
+    adata.uns[HVG_NAMES_KEY] = as_names_array(adata.var_names[table["highly_variable"].to_numpy()])
+    log.info("Stored %d HVG names in adata.uns['%s']", len(adata.uns[HVG_NAMES_KEY]), HVG_NAMES_KEY)
     log.info("selected %d highly variable genes (asked for %d)", int(table["highly_variable"].sum()), num_hvgs)
 
 

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from state.io.atomic import atomic_path, atomic_write_h5ad, ensure_parent_writable
 from state.io.columns import ColumnChoices, InputColumns, resolve_columns
+from state.io.hvg_names import HVG_NAMES_KEY, HVG_OBSM_KEY, MISSING_WARNING, get_hvg_var_names
 from state.tx.infer import counts as infer_counts
 from state.tx.infer import edits as infer_edits
 from state.tx.infer.edits import InputEdits
@@ -92,6 +93,7 @@ def run_infer(
     unknown_as_control: bool = False,
     global_control_fallback: bool = False,
     counts_method: str | None = None,
+    verbose: bool = False,
 ) -> Path:
     """``state tx infer``: simulate every cell of ``adata_path`` with a run's checkpoint; returns the output path.
 
@@ -110,7 +112,11 @@ def run_infer(
     roles = resolve_columns(adata, columns or ColumnChoices(), predictor.run_columns, cli=True,
                             source=str(adata_path))
     check_finite_features(adata, roles.embed_key, source=str(adata_path))
+    hvg_names, hvg_status = hvg_names_of_input(adata, roles.embed_key, quiet=quiet, verbose=verbose)
     adata = infer_edits.apply_edits(adata, edits, roles, pert_names=predictor.pert_names, seed=seed)
+    if hvg_names is not None:  # the concat of --all-perts / --min-cells drops uns; the names stay true
+        adata.uns.setdefault(HVG_NAMES_KEY, hvg_names)
+    log.info("HVG names: %s", hvg_status)
     roles.require_controls(adata, source=str(adata_path))
     counts_plan = None
     if counts_method is not None:  # library sizes come from the input, before X holds predictions
@@ -170,6 +176,20 @@ def simulate_anndata(
                       batch_index=batch_index, cell_types=groups, quiet=quiet)
     result.preds = keep_unpredicted(result.preds, result.done, adata, columns.embed_key)
     return result
+
+
+def hvg_names_of_input(adata: ad.AnnData, embed_key: str | None, *, quiet: bool, verbose: bool):
+    """The input's ``uns['X_hvg_var_names']`` (to carry into the output) and present / missing / n/a;
+    only ``--embed-key X_hvg`` inputs are looked at (arc-state PR #246)."""
+    if embed_key != HVG_OBSM_KEY:
+        return None, "n/a"
+    names = get_hvg_var_names(adata)
+    if names is None and not quiet:
+        log.warning(MISSING_WARNING)
+    if verbose and not quiet:
+        log.info(f"HVG gene names found for X_hvg: {len(names)} entries." if names is not None
+                 else "HVG gene names not found for X_hvg.")
+    return adata.uns.get(HVG_NAMES_KEY), "present" if names is not None else "missing"
 
 
 def check_finite_features(adata: ad.AnnData, embed_key: str | None, *, source: str) -> None:

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from state.tx.models.raw_counts import ENABLE_KEY, TARGET_KEY, RawCounts
 from state.tx.nn.decoders import build_gene_decoder, builds_gene_decoder, decoder_cfg_from_state_dict
 from state.utils.plain import to_plain
 
@@ -114,6 +115,9 @@ class PerturbationModel(LightningModule):
         self.add_hparams(kwargs)
         self._keep_base_arguments(base)
         self.gene_decoder_bool = bool(kwargs.get("gene_decoder_bool", True))
+        self.raw_counts = RawCounts.from_kwargs(kwargs, embed_key=embed_key)
+        if self.raw_counts.enabled:  # the keys arc-state main's checkpoints carry
+            self.add_hparams({ENABLE_KEY: True, TARGET_KEY: self.raw_counts.target_sum})
         # Registered (as None) up front so the decoder keeps arc-state's first position in the
         # parameter order even when on_load_checkpoint adds it later.
         self.register_module("gene_decoder", None)
@@ -146,6 +150,18 @@ class PerturbationModel(LightningModule):
         # Lightning's own name for hparams captured from **kwargs; arc-state checkpoints carry it
         # and load_from_checkpoint then passes hyper_parameters as keyword arguments.
         self._hparams_name = "kwargs"
+
+    # ----------------------------------------------------------------- raw counts (opt-in)
+    def normalize_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """log1p(CP) of the count tensors when ``log1p_from_raw_counts`` is on; else ``batch`` itself."""
+        return self.raw_counts.apply(batch)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # every train / validation / test step Lightning runs; predict_step normalizes itself
+        trainer = self._trainer
+        if isinstance(batch, Mapping) and not (trainer is not None and trainer.predicting):
+            return self.normalize_batch(batch)
+        return batch
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -183,6 +199,7 @@ class PerturbationModel(LightningModule):
         ``padded=True``: the batch holds B full sets of ``cell_set_len`` cells (training layout);
         ``padded=False``: the batch is ONE set of any length (predict / infer).
         """
+        batch = self.normalize_batch(batch)
         preds, extra = self.predict_outputs(batch, padded=padded)
         out: dict[str, Any] = {
             "preds": preds,

@@ -78,6 +78,7 @@ class _MeanBaseline(PerturbationModel):
         n_batches = 0
         with torch.no_grad():
             for batch in datamodule.train_dataloader():
+                batch = self.normalize_batch(batch)
                 sums.add(batch["cell_type"], batch["pert_name"], batch["pert_cell_emb"])
                 n_batches += 1
         if not sums.sums:

@@ -193,6 +193,8 @@ class StateTransitionPerturbationModel(PerturbationModel):
         ``predict_step(padded=False)`` without B times the per-call overhead. Returns numpy
         (preds [B, S, D_out], decoded counts [B, S, G] or None). ``pert_names`` is unused here.
         """
+        if self.raw_counts.transforms_expression:
+            ctrl = self.raw_counts.apply({"ctrl_cell_emb": torch.as_tensor(ctrl)})["ctrl_cell_emb"]
         return predict_sets(self.net, self.gene_decoder, ctrl=ctrl, pert=pert, batch=batch)
 
     # ------------------------------------------------------------------ losses

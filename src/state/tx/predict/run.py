@@ -82,7 +82,8 @@ def _test_time_finetune(model, loader, *, epochs: int, control: str) -> None:
                 if batch["pert_name"][0] != control:
                     continue
                 optimizer.zero_grad()
-                loss = model.training_step(batch_to_device(batch, model.device), idx, padded=False)
+                loss = model.training_step(model.normalize_batch(batch_to_device(batch, model.device)), idx,
+                                           padded=False)
                 loss.backward()
                 optimizer.step()
                 steps += 1
@@ -130,6 +131,14 @@ def check_stream_flags(*, predict_only: bool, skip_adatas: bool, stream_adatas: 
     return stream_adatas
 
 
+def hvg_names_uns(data_kwargs: dict, gene_names: list[str]) -> dict:
+    """``uns['X_hvg_var_names']`` for HVG-space outputs (arc-state PR #246), when the run names its genes."""
+    from state.io.hvg_names import HVG_NAMES_KEY, as_names_array
+
+    hvg_space = data_kwargs.get("embed_key") == "X_hvg" or data_kwargs.get("output_space", "gene") == "gene"
+    return {HVG_NAMES_KEY: as_names_array(gene_names)} if hvg_space and gene_names else {}
+
+
 def _stream(model, loader, eval_dir: Path, data_kwargs: dict, *, keep_perts, gene_names) -> PredictResult:
     """Predict and write adata_pred / adata_real batch by batch (bounded memory, no metrics)."""
     from state.io.atomic import atomic_path
@@ -148,7 +157,7 @@ def _stream(model, loader, eval_dir: Path, data_kwargs: dict, *, keep_perts, gen
             obs = _obs_frame(obs, pert_col=data_kwargs.get("pert_col", "gene"),
                              cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
                              batch_key=data_kwargs.get("batch_col") or "batch")
-            collector.finish(obs, lambda width: _var(width, gene_names or None))
+            collector.finish(obs, lambda width: _var(width, gene_names or None), hvg_names_uns(data_kwargs, gene_names))
         except BaseException:
             collector.abort()
             raise
@@ -207,6 +216,8 @@ def predict(
         embed_key=data_kwargs.get("embed_key"), output_space=data_kwargs.get("output_space", "gene"),
         gene_names=rundir.read_genes(run_dir) or None,
     )
+    for adata in (adata_pred, adata_real):
+        adata.uns.update(hvg_names_uns(data_kwargs, rundir.read_genes(run_dir)))
     result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
     if not skip_adatas:
         for name, adata in (("adata_pred.h5ad", adata_pred), ("adata_real.h5ad", adata_real)):

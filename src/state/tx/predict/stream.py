@@ -59,8 +59,8 @@ class StreamingH5adWriter:
             self.obsm[key][rows] = np.asarray(values, dtype=np.float32)
         self.cursor += n
 
-    def close(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
-        """Shrink to the rows written, add obs (length checked), var and the empty slots."""
+    def close(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict | None = None) -> None:
+        """Shrink to the rows written, add obs (length checked), var, uns and the empty slots."""
         from anndata.io import write_elem
 
         try:
@@ -69,7 +69,7 @@ class StreamingH5adWriter:
             for data in (self.x, *self.obsm.values()):
                 data.resize((self.cursor, data.shape[1]))
             for slot in _EMPTY_SLOTS:
-                write_elem(self.file, slot, {})
+                write_elem(self.file, slot, (uns or {}) if slot == "uns" else {})
             obs = obs.copy()
             obs.index = pd.Index([str(i) for i in range(len(obs))])
             for column in obs.columns:  # as write_h5ad stores strings
@@ -105,12 +105,12 @@ class StreamingCollector(PredictionCollector):
         for writer, (x, obsm) in zip(self.writers, blocks, strict=True):
             writer.write(x, obsm)
 
-    def finish(self, obs: pd.DataFrame, var_for_width) -> None:
+    def finish(self, obs: pd.DataFrame, var_for_width, uns: dict | None = None) -> None:
         """Close both files (``var_for_width(n) -> var frame``); nothing predicted still gives valid files."""
         if self.writers is None:
             self.writers = [StreamingH5adWriter(path, 0, 0) for path in self.paths]
         for writer in self.writers:
-            writer.close(obs, var_for_width(writer.x.shape[1]))
+            writer.close(obs, var_for_width(writer.x.shape[1]), uns)
 
     def abort(self) -> None:
         for writer in self.writers or []:
