@@ -168,10 +168,16 @@ def plan_counts(adata: ad.AnnData, columns, *, method: str, seed: int, output_sp
     if output_space not in ("gene", "all"):
         raise StateError(f"--output-counts needs a gene-space model (this one predicts in '{output_space}' space)",
                          hint="drop --output-counts")
-    groups = (adata.obs[columns.celltype_col].astype(str).to_numpy() if columns.celltype_col
-              else np.full(adata.n_obs, "all", dtype=object))
+    groups = cell_groups(adata, columns)
     is_control = columns.labels(adata) == columns.control
     return CountsPlan(control_library_sizes(adata, is_control, groups), groups, method, int(seed))
+
+
+def cell_groups(adata: ad.AnnData, columns) -> np.ndarray:
+    """The library-size pool of every row: its cell type ("all" without a cell-type column)."""
+    if columns.celltype_col:
+        return adata.obs[columns.celltype_col].astype(str).to_numpy()
+    return np.full(adata.n_obs, "all", dtype=object)
 
 
 def prediction_in_x(*, embed_key: str | None, output_space: str, preds: np.ndarray, counts, n_vars: int) -> bool:
@@ -194,4 +200,4 @@ def apply_counts(plan: CountsPlan, adata: ad.AnnData, *, in_x: bool) -> ad.AnnDa
 
 
 __all__ = ["METHODS", "CountsPlan", "LibrarySizes", "apply_counts", "control_library_sizes", "draw_library_sizes",
-           "log1p_to_counts", "plan_counts", "prediction_in_x"]
+           "cell_groups", "log1p_to_counts", "plan_counts", "prediction_in_x"]

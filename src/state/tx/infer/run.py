@@ -113,15 +113,17 @@ def run_infer(
                             source=str(adata_path))
     check_finite_features(adata, roles.embed_key, source=str(adata_path))
     hvg_names, hvg_status = hvg_names_of_input(adata, roles.embed_key, quiet=quiet, verbose=verbose)
+    counts_plan = None
+    if counts_method is not None:  # library sizes come from the input as read (the edits may drop layers)
+        counts_plan = infer_counts.plan_counts(adata, roles, method=counts_method, seed=seed,
+                                               output_space=predictor.output_space, output=output)
     adata = infer_edits.apply_edits(adata, edits, roles, pert_names=predictor.pert_names, seed=seed)
+    if counts_plan is not None:
+        counts_plan.groups = infer_counts.cell_groups(adata, roles)
     if hvg_names is not None:  # the concat of --all-perts / --min-cells drops uns; the names stay true
         adata.uns.setdefault(HVG_NAMES_KEY, hvg_names)
     log.info("HVG names: %s", hvg_status)
     roles.require_controls(adata, source=str(adata_path))
-    counts_plan = None
-    if counts_method is not None:  # library sizes come from the input, before X holds predictions
-        counts_plan = infer_counts.plan_counts(adata, roles, method=counts_method, seed=seed,
-                                               output_space=predictor.output_space, output=output)
     result = simulate_anndata(predictor, adata, roles, seed=seed, max_set_len=max_set_len, quiet=quiet,
                               unknown_as_control=unknown_as_control, global_control_fallback=global_control_fallback)
     if output.suffix.lower() == ".npy":
