@@ -148,9 +148,10 @@ def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]
              f"{' '.join(map(str, args.workers))} --batches {args.batches} --fast-batches {args.fast_batches}"
              f"{flags} --write-md`", "",
              f"Data: {args.cells:,} cells x 2,000 float32 X_hvg in {args.files} file(s), batch {BATCH} sets x "
-             f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", "",
-             "| path | workers | batches timed | cells/s | main peak RSS (MiB) | largest worker peak RSS (MiB) "
-             "| main + workers PSS (MiB) |", "|---|---|---|---|---|---|---|"] if rows else []
+             f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", ""]
+    if rows:
+        lines += ["| path | workers | batches timed | cells/s | main peak RSS (MiB) | largest worker peak RSS (MiB) "
+                  "| main + workers PSS (MiB) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['path']} | {r['workers']} | {r['batches']} | {r['cells_per_s']:,.0f} | "
                      f"{r['main_rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r.get('total_pss_mib', 0):.0f} |")

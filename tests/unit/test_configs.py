@@ -42,6 +42,7 @@ DATA_KWARGS = [
     "should_yield_control_cells", "batch_col", "pert_col", "cell_type_key", "control_pert", "map_controls",
     "perturbation_features_file", "store_raw_basal", "int_counts", "barcode", "use_consecutive_loading",
     "val_subsample_fraction",
+    "fast_loader", "fast_loader_dir", "fast_loader_windows",  # ours: the training loader choice
 ]  # fmt: skip
 
 # The overrides that produced each arc-state run config (fixture READMEs), with the fixture's paths.
@@ -71,7 +72,9 @@ ARC_RUN_OVERRIDES = {
     "perturb_mean": ["model=perturb_mean", "+model.kwargs.decoder_hidden_dims=[48,48]"],
     "context_mean": ["model=context_mean", "+model.kwargs.decoder_hidden_dims=[48,48]"],
 }  # fmt: skip
-ADDED_KEYS = {("training", "precision")}  # keys this implementation adds to arc-state's tree
+# keys this implementation adds to arc-state's tree (cell-load ignores unknown data.kwargs)
+ADDED_KEYS = {("training", "precision"), ("data", "kwargs", "fast_loader"), ("data", "kwargs", "fast_loader_dir"),
+              ("data", "kwargs", "fast_loader_windows")}
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +169,11 @@ def test_arc_state_run_config_is_reproduced_key_for_key(run):
     ours = OmegaConf.to_container(compose_tx_config(overrides))
     # round-trip through YAML so both sides have the same scalar types (1e-6 -> float etc.)
     ours = yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(ours)))
-    for section, key in ADDED_KEYS:
-        ours[section].pop(key)
+    for *parents, key in ADDED_KEYS:
+        node = ours
+        for name in parents:
+            node = node[name]
+        node.pop(key)
     assert ours == expected
     assert _key_paths(ours) == _key_paths(expected)
 

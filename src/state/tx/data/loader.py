@@ -3,9 +3,10 @@
 cell-load still decides everything about the split (which cells train, which controls each cell may
 be paired with): after ``setup()`` its training subsets and its mapping strategy's control pools are
 read out and translated to layout rows (:func:`groups_from_data_module`). Batches are then built by
-worker processes as arrays: the rows of each set are copied slice by slice from the memory-mapped
-layout into one preallocated tensor per batch; names are shared string objects, never per-cell dicts.
-The batch has exactly the keys, shapes and dtypes of cell-load's collate for the same settings.
+worker processes as arrays: the rows of each set are read run by run from the layout file straight
+into one preallocated tensor per batch; names are shared string objects, never per-cell dicts; the
+one-hot columns are filled from codes in the consuming process. The batch has exactly the keys,
+shapes and dtypes of cell-load's collate for the same settings.
 """
 
 from __future__ import annotations
