@@ -34,6 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from state.tx.data.files import dataset_files, read_toml
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -306,12 +307,11 @@ def open_layout(source: str | os.PathLike, layout_dir: str | os.PathLike | None 
 
 def toml_sources(toml_path: str | os.PathLike) -> list[Path]:
     """The h5/h5ad files of every dataset a split TOML uses (cell-load's file rules)."""
-    from state.tx.data.module import _read_toml, dataset_files
 
     toml_path = Path(toml_path)
     if not toml_path.is_file():
         raise StateError(f"TOML file not found: {toml_path}", hint="check the --toml path")
-    config = _read_toml(toml_path)
+    config = read_toml(toml_path)
     files: list[Path] = []
     for name in sorted(config.get_all_datasets()):
         spec = config.datasets.get(name)

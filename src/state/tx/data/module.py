@@ -10,10 +10,8 @@ We do not reimplement cell-load. This module only
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from state.tx.data.files import dataset_files, read_toml
 from state.utils.errors import StateError, collect_errors
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 DRUG_PERT_COL = "drugname_drugconc"
 DRUG_CONTROL_LABEL = "[('DMSO_TF', 0.0, 'uM')]"
 OUTPUT_SPACES = ("gene", "all", "embedding")
-_GLOB_CHARS = set("*?[]{}")
 
 
 def usable_cpu_count() -> int:
@@ -76,37 +74,6 @@ class _FileFacts:
 
 def _decode(values: np.ndarray) -> set[str]:
     return {v.decode("utf-8", "ignore") if isinstance(v, bytes | bytearray) else str(v) for v in values}
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    match = re.search(r"\{([^}]+)\}", pattern)
-    if not match:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    out: list[str] = []
-    for option in match.group(1).split(","):
-        out.extend(_expand_braces(head + option.strip() + tail))
-    return out
-
-
-def dataset_files(path_spec: str) -> list[Path]:
-    """The files cell-load would read for one ``[datasets]`` entry (file, folder or glob)."""
-    if _GLOB_CHARS & set(path_spec):
-        files: list[Path] = []
-        for pattern in _expand_braces(path_spec):
-            patterns = [pattern] if pattern.endswith((".h5", ".h5ad")) else [
-                f"{pattern.rstrip('/')}/*.h5",
-                f"{pattern.rstrip('/')}/*.h5ad",
-            ]
-            for pat in patterns:
-                files.extend(Path(f) for f in sorted(glob.glob(pat)))  # noqa: PTH207 - cell-load's glob rules
-        return files
-    path = Path(path_spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(path.glob("*.h5")) + sorted(path.glob("*.h5ad"))
-    return []
 
 
 def _categories(obs: h5py.Group, column: str) -> np.ndarray | None:
@@ -212,25 +179,6 @@ def _check_toml_entries(config: Any, facts: dict[str, list[_FileFacts]], problem
                         )
 
 
-def _read_toml(path: Path) -> Any:
-    import toml
-    from cell_load.config import ExperimentConfig
-
-    try:
-        raw = toml.load(path)
-    except (toml.TomlDecodeError, UnicodeDecodeError, IndexError, ValueError) as exc:
-        raise StateError(f"TOML file {path} cannot be parsed: {exc}", hint="fix the TOML syntax") from exc
-    bad = [s for s in ("datasets", "training", "zeroshot", "fewshot") if not isinstance(raw.get(s, {}), dict)]
-    if bad:
-        raise StateError(f"TOML file {path}: section(s) {', '.join(bad)} must be tables")
-    return ExperimentConfig(
-        datasets=raw.get("datasets", {}),
-        training=raw.get("training", {}),
-        zeroshot=raw.get("zeroshot", {}),
-        fewshot=raw.get("fewshot", {}),
-    )
-
-
 def check_data_inputs(data_kwargs: Mapping[str, Any]) -> None:
     """Validate the TOML and every data file it names; raise one StateError listing all problems."""
     toml_path = data_kwargs.get("toml_config_path")
@@ -250,7 +198,7 @@ def check_data_inputs(data_kwargs: Mapping[str, Any]) -> None:
             f"data.kwargs.output_space={output_space!r} is not one of {', '.join(OUTPUT_SPACES)}",
             hint="data.kwargs.output_space=gene",
         )
-    config = _read_toml(toml_path)
+    config = read_toml(toml_path)
     referenced = config.get_all_datasets()
     problems: list[str] = []
     if not referenced:
