@@ -285,3 +285,22 @@ def test_wandb_failure_is_not_fatal(monkeypatch, tmp_path, state_log):
     assert "wandb logging disabled: wandb: network unreachable" in state_log.text
     cfg.wandb.enable = False
     assert len(_loggers(cfg, tmp_path)) == 1
+
+
+def test_second_fit_on_a_busy_checkpoint_folder_refuses_in_one_line(setup, tmp_path, capsys):
+    """Two jobs, one checkpoint folder: the second names the first (host, pid, start) and writes nothing."""
+    import json
+    import time
+
+    from state.training.runlock import LOCK_FILE
+
+    _, conf, _ = setup
+    folder = tmp_path / "ckpt" / "toy"
+    folder.mkdir(parents=True)
+    other = os.getppid()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": other,
+                                                "started": "2026-12-07T01:02:03+00:00", "heartbeat": time.time()}))
+    assert _fit(conf, tmp_path / "ckpt") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and f"pid {other}" in err[0] and "2026-12-07T01:02:03" in err[0] and "in use" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]

@@ -45,6 +45,9 @@ MAP_FILES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "batch": ("batch_onehot_map.torch", ("batch_onehot_map.pt", "batch_onehot_map.pkl"), "batches.json"),
 }
 GENES_FILE = "genes.tsv"
+# The lock a training job holds on its run directory (state.training.runlock.LOCK_FILE; a literal here
+# so that reading a run directory never imports the training layer).
+RUN_LOCK_FILE = ".state-run.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ def plan_run_dir(output_dir: str | Path, name: str, *, overwrite: bool) -> RunDi
     last = path / CHECKPOINT_DIR / "last.ckpt"
     if last.is_file():
         return RunDirPlan(path, last, False, True)
-    if existed and any(path.iterdir()):
+    if existed and any(p.name != RUN_LOCK_FILE for p in path.iterdir()):
         raise StateError(
             f"run directory {path} already exists and has no checkpoints/last.ckpt to resume from",
             hint="add overwrite=true to replace it, or pick another name=...",
