@@ -37,12 +37,13 @@ def synth(tmp_path_factory):
     return write_toml(root / "split.toml", dataset_name="synth", data_path=data, kind="fewshot")
 
 
-def train_args(toml: Path, out: Path, name: str, *, steps: int, model: list[str] = TINY_STATE) -> list[str]:
+def train_args(toml: Path, out: Path, name: str, *, steps: int, model: list[str] = TINY_STATE, val_freq: int = 4,
+               log_every: int = 1) -> list[str]:
     """A tiny run that logs every step and validates every 4 (an epoch of this data is 13 steps)."""
     return [f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg", "data.kwargs.output_space=gene",
             "data.kwargs.num_workers=0", "data.kwargs.control_pert=non-targeting", "use_wandb=false",
-            f"output_dir={out}", f"name={name}", f"training.max_steps={steps}", "training.val_freq=4",
-            "training.batch_size=2", "+training.log_every_n_steps=1", *model]
+            f"output_dir={out}", f"name={name}", f"training.max_steps={steps}", f"training.val_freq={val_freq}",
+            "training.batch_size=2", f"+training.log_every_n_steps={log_every}", *model]
 
 
 class SignalAtStep(pl.Callback):

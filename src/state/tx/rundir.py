@@ -76,7 +76,12 @@ def plan_run_dir(output_dir: str | Path, name: str, *, overwrite: bool) -> RunDi
     last = path / CHECKPOINT_DIR / "last.ckpt"
     if last.is_file():
         return RunDirPlan(path, last, False, True)
-    if existed and any(p.name != RUN_LOCK_FILE for p in path.iterdir()):
+    if existed and (path / RUN_LOCK_FILE).is_file():
+        # Callers check first that no live job holds the lock: this one was left by a job killed
+        # before its first checkpoint, so the folder holds only what that job wrote. Start afresh.
+        log.warning("%s: a run killed before its first checkpoint; starting it again", path)
+        return RunDirPlan(path, None, True, True)
+    if existed and any(path.iterdir()):
         raise StateError(
             f"run directory {path} already exists and has no checkpoints/last.ckpt to resume from",
             hint="add overwrite=true to replace it, or pick another name=...",

@@ -285,15 +285,26 @@ def _train(cfg: Any) -> TrainResult:
 
     run_dir = plan.path
     if is_rank_zero:
+        from state.training.runlock import RunDirLock
+
         created = not plan.existed or plan.delete_first
         rundir.open_run_dir(plan)
+        # Held from before the first file is written (the Trainer's lock callback takes it over), so
+        # that a job killed before its first checkpoint is recognised by its stale lock.
+        lock = RunDirLock(run_dir)
+        lock.acquire()
         try:
             _write_run_files(run_dir, cfg, dm, var_dims)
         except BaseException:
+            lock.release()
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+    try:
+        return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+    finally:
+        if is_rank_zero:
+            lock.release()  # normally already released by the Trainer's lock callback
 
 
 def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
