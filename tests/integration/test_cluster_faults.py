@@ -197,3 +197,61 @@ def test_tx_train_on_a_full_disk_says_which_file_and_keeps_the_last_checkpoint(s
     assert safe_torch_load(last)["global_step"] == 4
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
     assert not (tmp_path / "full" / LOCK_FILE).exists()  # the lock is released on failure too
+
+
+# ------------------------------------------------------------------ read-only inputs and model folders
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+
+
+def _read_only_copy(source: Path, dest: Path) -> dict[str, float]:
+    """Copy ``source`` to ``dest``, make it read-only (files 0444, folders 0555); return its listing."""
+    import shutil
+
+    shutil.copytree(source, dest)
+    for path in sorted(dest.rglob("*"), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    dest.chmod(0o555)
+    return _listing(dest)
+
+
+def _listing(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def _writable_again(folder: Path) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.mark.parametrize("command", ["tx infer", "emb transform"])
+def test_commands_read_read_only_models_and_inputs_and_write_nothing_next_to_them(tmp_path, command):
+    """Checkpoints shared read-only on a cluster: the command works and writes only its --output.
+    (Tests may run as root, which ignores permissions: the listings prove nothing was written.)"""
+    from state.__main__ import main
+
+    if command == "tx infer":
+        model = FIXTURES / "tx" / "state_llama" / "run"
+        inputs = FIXTURES / "tx" / "state_llama" / "infer_input.h5ad"
+        flags = ["--pert-col", "gene", "--embed-key", "X_hvg", "--seed", "42", "--quiet", "--unknown-as-control"]
+        model_flag = "--model-dir"
+    else:
+        model = FIXTURES / "emb" / "se_tiny" / "model"
+        inputs = FIXTURES / "emb" / "se_tiny" / "input_det.h5ad"
+        flags, model_flag = [], "--model-folder"
+    if not model.is_dir():
+        pytest.skip("fixture not copied")
+    ro_model, ro_input = tmp_path / "ro" / "model", tmp_path / "ro_in" / "input"
+    before = {"model": _read_only_copy(model, ro_model), "input": _read_only_copy(inputs.parent, ro_input)}
+    out = tmp_path / "out" / "result.h5ad"
+    input_flag = "--adata" if command == "tx infer" else "--input"
+    try:
+        code = main([*command.split(), model_flag, str(ro_model), input_flag, str(ro_input / inputs.name),
+                     "--output", str(out), *flags])
+        after = {"model": _listing(ro_model), "input": _listing(ro_input)}
+    finally:
+        _writable_again(tmp_path / "ro")
+        _writable_again(tmp_path / "ro_in")
+    assert code == 0 and out.is_file()
+    assert after == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.h5ad"]
