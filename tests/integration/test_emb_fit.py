@@ -285,3 +285,51 @@ def test_wandb_failure_is_not_fatal(monkeypatch, tmp_path, state_log):
     assert "wandb logging disabled: wandb: network unreachable" in state_log.text
     cfg.wandb.enable = False
     assert len(_loggers(cfg, tmp_path)) == 1
+
+
+def test_second_fit_on_a_busy_checkpoint_folder_refuses_in_one_line(setup, tmp_path, capsys):
+    """Two jobs, one checkpoint folder: the second names the first (host, pid, start) and writes nothing."""
+    import json
+    import time
+
+    from state.training.runlock import LOCK_FILE
+
+    _, conf, _ = setup
+    folder = tmp_path / "ckpt" / "toy"
+    folder.mkdir(parents=True)
+    other = os.getppid()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": other,
+                                                "started": "2026-12-07T01:02:03+00:00", "heartbeat": time.time()}))
+    assert _fit(conf, tmp_path / "ckpt") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and f"pid {other}" in err[0] and "2026-12-07T01:02:03" in err[0] and "in use" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+
+
+def test_sigusr1_stops_at_the_next_step_with_last_ckpt_and_the_rerun_continues(setup, tmp_path):
+    import signal
+
+    import lightning.pytorch as pl
+
+    from state.emb.config import compose_emb_config
+    from state.emb.fit import fit
+    from state.training.preemption import RunPreempted
+
+    class SignalAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    _, conf, _ = setup
+    overrides = [*TINY, f"experiment.checkpoint.path={tmp_path}", "experiment.checkpoint.every_n_train_steps=100"]
+    with pytest.raises(RunPreempted) as info:
+        fit(compose_emb_config(str(conf), overrides), extra_callbacks=[SignalAtStep()])
+    assert info.value.exit_code == 138 and info.value.step == 2
+    assert safe_torch_load(tmp_path / "toy" / "last.ckpt")["global_step"] == 2
+    assert not (tmp_path / f"{RUN}_final.pt").exists()
+    whole_overrides = [*TINY, f"experiment.checkpoint.path={tmp_path / 'whole'}",
+                       "experiment.checkpoint.every_n_train_steps=100"]
+    whole = fit(compose_emb_config(str(conf), whole_overrides))
+    resumed = fit(compose_emb_config(str(conf), overrides))
+    assert resumed.global_step == whole.global_step > 2
+    assert resumed.final_checkpoint is not None

@@ -195,3 +195,24 @@ def test_emb_trainer_keeps_its_settings_through_the_layer(tmp_path, monkeypatch)
     assert isinstance(trainer.strategy.checkpoint_io, SECheckpointIO)
     assert trainer.precision == "32-true" and trainer.max_epochs == 3 and trainer.num_devices == 2
     assert [type(lg).__name__ for lg in trainer.loggers] == ["CSVLogger"]
+
+
+def test_any_atomic_write_that_runs_out_of_space_names_the_file_and_leaves_nothing(tmp_path):
+    import errno
+
+    from state.io.atomic import atomic_write
+
+    target = tmp_path / "out.h5ad"
+    target.write_bytes(b"old")
+
+    def fills_the_disk(tmp):
+        tmp.write_bytes(b"x" * 4096)
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    with pytest.raises(StateError) as info:
+        atomic_write(target, fills_the_disk)
+    message = info.value.one_line()
+    assert str(target) in message and "quota" in message and "at least 4.0 KiB" in message and "free there" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"] and target.read_bytes() == b"old"
+    with pytest.raises(OSError, match="Permission"):  # other failures pass through unchanged
+        atomic_write(target, lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))

@@ -31,7 +31,8 @@ from state.emb.lightning_module import StateEmbeddingModel, warmup_steps_for
 from state.io.safe_load import placeholder_to_plain
 from state.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 from state.training.loggers import make_wandb_logger
-from state.training.trainer import TrainerSetup, build_trainer, strategy_for
+from state.training.runlock import RunDirLock
+from state.training.trainer import TrainerSetup, build_trainer, fit_or_stop, strategy_for
 from state.utils.errors import StateError
 from state.utils.logging import global_rank
 
@@ -90,7 +91,9 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
     if cfg.model.get("ema", False):
         log.warning("model.ema=true is not implemented; training without EMA")
     trainer = _trainer(cfg, ckpt_dir, callbacks, train_cells=len(data.train_dataset))
-    trainer.fit(model, datamodule=data, ckpt_path=_resume_point(ckpt_dir, final))
+    if global_rank() == 0:
+        RunDirLock(ckpt_dir).check_free()  # before removing what a killed save left behind
+    fit_or_stop(trainer, model, datamodule=data, ckpt_path=_resume_point(ckpt_dir, final))
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
     log.info("trained %d steps on %d process(es) (%s, %s)", trainer.global_step, trainer.world_size,
              backend, trainer.strategy.root_device)
@@ -147,6 +150,9 @@ def _trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list[Callback], *, trai
         callbacks=callbacks,
         checkpoint_io=SECheckpointIO(),
         step_progress_bar=False,
+        last_checkpoint=ckpt_dir / "last.ckpt",
+        lock_dir=ckpt_dir,
+        lock_what="checkpoint folder",
     )
     return build_trainer(
         setup,

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from state.io.atomic import atomic_path
+from state.io.atomic import atomic_path, out_of_space_error
 from state.io.safe_load import safe_torch_load
+from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         # atomic_path owns the temporary name, its removal on failure and the final file permissions.
-        with atomic_path(path, suffix="") as tmp, tmp.open("wb") as fh:
-            self.write_checkpoint(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with atomic_path(path, suffix="") as tmp, tmp.open("wb") as fh:
+                self.write_checkpoint(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except StateError as exc:
+            if not isinstance(exc.__cause__, OSError):
+                raise
+            # Disk full / quota / file-size limit: say how big the whole checkpoint is.
+            full = out_of_space_error(path, exc.__cause__, needed=_serialised_size(checkpoint), at_least=False)
+            raise (full or exc) from exc.__cause__
 
     def write_checkpoint(self, checkpoint: dict[str, Any], fh: Any) -> None:
         """Serialise ``checkpoint`` into the open file ``fh`` (a seam for crash tests)."""
@@ -48,6 +56,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return safe_torch_load(path, what=self.what, map_location=map_location or "cpu")
+
+
+class _ByteCounter:
+    """A write-only file that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n_bytes = memoryview(data).nbytes
+        self.size += n_bytes
+        return n_bytes
+
+    def flush(self) -> None:
+        pass
+
+
+def _serialised_size(checkpoint: dict[str, Any]) -> int | None:
+    counter = _ByteCounter()
+    try:
+        torch.save(checkpoint, counter)
+    except Exception:  # only for the error message: never hide the real failure
+        return None
+    return counter.size
 
 
 def remove_stale_temp_files(folder: Path, pattern: str = CHECKPOINT_TEMP_PATTERN) -> None:

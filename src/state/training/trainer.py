@@ -5,10 +5,10 @@ callbacks, loggers and checkpoint reader/writer) and passes its training-loop se
 validation cadence, clipping, ...) as keyword arguments. This module adds what every run shares:
 the accelerator, the precision and strategy policies, the progress bar and the checkpoint IO plugin.
 
-Run-level features that both commands should get belong in :func:`_layer_callbacks` /
-:func:`_layer_plugins`, the one place that assembles them: e.g. a callback that, after SIGTERM or
-SIGUSR1, writes last.ckpt at the next step and stops for requeueing, or one that holds a lock on
-the run directory (``TrainerSetup.root_dir``) from ``setup`` to ``teardown``.
+Run-level features that both commands get are assembled in :func:`_layer_callbacks` /
+:func:`_layer_plugins`: the preemption handler (SIGTERM / SIGUSR1 -> ``last.ckpt`` at the next step,
+then :class:`~state.training.preemption.RunPreempted`; run ``fit`` through :func:`fit_or_stop`) and
+the lock on the run directory (``TrainerSetup.lock_dir``, held from ``setup`` to ``teardown``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import Logger
 
 from state.training.checkpoint_io import AtomicCheckpointIO
+from state.training.exact_resume import ExactResume
+from state.training.preemption import PreemptionCheckpoint, fit_or_stop
 from state.training.progress_bar import StateProgressBar
+from state.training.runlock import RunDirLockCallback
 from state.utils.progress import progress_enabled
+
+__all__ = ["TrainerSetup", "build_trainer", "fit_or_stop", "precision_for", "strategy_for"]
 
 
 @dataclass
@@ -41,6 +46,9 @@ class TrainerSetup:
     callbacks: Sequence[Callback] = ()  # the command's own (checkpoint naming, monitors, ...)
     checkpoint_io: AtomicCheckpointIO = field(default_factory=AtomicCheckpointIO)
     step_progress_bar: bool = True  # StateProgressBar; False keeps Lightning's per-epoch bars
+    last_checkpoint: Path | None = None  # written on SIGTERM / SIGUSR1 (None: stop without writing)
+    lock_dir: Path | None = None  # the folder one job at a time may train in (None: no lock)
+    lock_what: str = "run directory"  # how the lock's error message names that folder
 
 
 def precision_for(requested: str | None) -> str:
@@ -89,6 +97,11 @@ def build_trainer(setup: TrainerSetup, **loop: Any) -> Trainer:
 
 def _layer_callbacks(setup: TrainerSetup, *, show_bar: bool) -> list[Callback]:
     callbacks = list(setup.callbacks)
+    if setup.lock_dir is not None:
+        callbacks.append(RunDirLockCallback(setup.lock_dir, what=setup.lock_what))
+    # ExactResume first: its per-step bookkeeping must be done when the preemption handler saves.
+    callbacks.append(ExactResume())
+    callbacks.append(PreemptionCheckpoint(setup.last_checkpoint))
     if show_bar and setup.step_progress_bar:
         callbacks.append(StateProgressBar())
     return callbacks

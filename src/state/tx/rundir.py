@@ -44,6 +44,9 @@ MAP_FILES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "batch": ("batch_onehot_map.torch", ("batch_onehot_map.pt", "batch_onehot_map.pkl"), "batches.json"),
 }
 GENES_FILE = "genes.tsv"
+# The lock a training job holds on its run directory (state.training.runlock.LOCK_FILE; a literal here
+# so that reading a run directory never imports the training layer).
+RUN_LOCK_FILE = ".state-run.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +75,11 @@ def plan_run_dir(output_dir: str | Path, name: str, *, overwrite: bool) -> RunDi
     last = path / CHECKPOINT_DIR / "last.ckpt"
     if last.is_file():
         return RunDirPlan(path, last, False, True)
+    if existed and (path / RUN_LOCK_FILE).is_file():
+        # Callers check first that no live job holds the lock: this one was left by a job killed
+        # before its first checkpoint, so the folder holds only what that job wrote. Start afresh.
+        log.warning("%s: a run killed before its first checkpoint; starting it again", path)
+        return RunDirPlan(path, None, True, True)
     if existed and any(path.iterdir()):
         raise StateError(
             f"run directory {path} already exists and has no checkpoints/last.ckpt to resume from",

@@ -175,6 +175,8 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
         precision=training.get("precision") or "32-true",
         loggers=loggers,
         callbacks=_callbacks(training, run_dir, model_name),
+        last_checkpoint=run_dir / rundir.CHECKPOINT_DIR / "last.ckpt",
+        lock_dir=run_dir,
     )
     # Lightning logs every 50 steps by default; short runs would end with no metrics.csv at all.
     log_every = training.get("log_every_n_steps") or min(50, max(1, max_steps))
@@ -248,6 +250,11 @@ def _train(cfg: Any) -> TrainResult:
     batch_size, set_len = _batch_shape(plain)
     tx_data.check_data_inputs(data_kwargs)
     if is_rank_zero:
+        from state.training.runlock import RunDirLock
+
+        # Before anything is written (overwrite=true would delete a live job's folder); the Trainer
+        # then holds the lock for the whole fit.
+        RunDirLock(Path(str(plain["output_dir"])).expanduser() / str(plain["name"])).check_free()
         plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
     else:  # a DDP worker Lightning started re-runs this function: it must not touch the folder
         plan = rundir.worker_plan(plain["output_dir"], plain["name"])
@@ -270,20 +277,33 @@ def _train(cfg: Any) -> TrainResult:
 
     run_dir = plan.path
     if is_rank_zero:
+        from state.training.runlock import RunDirLock
+
         created = not plan.existed or plan.delete_first
         rundir.open_run_dir(plan)
+        # Held from before the first file is written (the Trainer's lock callback takes it over), so
+        # that a job killed before its first checkpoint is recognised by its stale lock.
+        lock = RunDirLock(run_dir)
+        lock.acquire()
         try:
             _write_run_files(run_dir, cfg, dm, var_dims)
         except BaseException:
+            lock.release()
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+    try:
+        return _fit(plain, model, dm, plan, model_name=model_name, is_rank_zero=is_rank_zero)
+    finally:
+        if is_rank_zero:
+            lock.release()  # normally already released by the Trainer's lock callback
 
 
 def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
          is_rank_zero: bool) -> TrainResult:
     """Fit ``model`` in the opened run directory (resuming when ``plan`` says so), then write final.ckpt."""
+    from state.training.trainer import fit_or_stop
+
     run_dir = plan.path
     ckpt_dir = run_dir / rundir.CHECKPOINT_DIR
     if plan.resume_from is not None:
@@ -297,7 +317,7 @@ def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan,
     strategy = _strategy(plain["training"].get("strategy", "auto"), model, dm)
     trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
                        strategy=strategy)
-    trainer.fit(model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+    fit_or_stop(trainer, model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
 
     final = ckpt_dir / "final.ckpt"
     # save_checkpoint is collective under DDP: every rank must take rank 0's decision.
