@@ -40,6 +40,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
                forced_max_steps=1, checkpoint_marker="pert_mean_offsets"),
     ModelEntry("context_mean", "state.tx.models.mean_baselines:ContextMeanPerturbationModel",
                forced_max_steps=1, checkpoint_marker="celltype_pert_means"),
+    ModelEntry("linear", "state.tx.models.linear_baseline:LinearPerturbationModel",
+               forced_max_steps=1, checkpoint_marker="linear_context_lines"),
     ModelEntry("embedsum", "state.tx.models.embedsum:EmbedSumPerturbationModel"),
     ModelEntry("old_neuralot", "state.tx.models.state_variants:OldNeuralOTPerturbationModel"),
     ModelEntry("decoder_only", "state.tx.models.decoder_only:DecoderOnlyPerturbationModel"),
