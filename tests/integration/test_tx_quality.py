@@ -61,3 +61,19 @@ def test_linear_fits_in_one_step_and_predicts_control_plus_its_line(synth, tmp_p
     is_control = (source.obs["gene"] == "non-targeting").to_numpy()
     shift = simulated - np.asarray(source.obsm["X_hvg"])
     assert not np.allclose(shift[~is_control], 0.0)
+
+
+def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_path):
+    run = _train(synth, tmp_path, "state_plus", *TINY_PLUS[1:], steps=6)
+    ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
+    hp = ckpt["hyper_parameters"]
+    assert hp["lr_schedule"] == "cosine" and hp["set_mean_weight"] == 1.0 and hp["response_features"]
+    assert ckpt["state_tx_model"] == "state_plus"
+    # the perturbation encoder reads the one-hot vector and the response (pert_dim + output_dim)
+    first = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder.") and k.endswith("weight"))
+    assert ckpt["state_dict"][first].shape[1] == hp["pert_dim"] + hp["output_dim"]
+    stored = ckpt["mean_responses"]
+    assert len(stored["perturbations"]) == len(stored["values"]) > 0
+    columns = (run / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/set_mean_loss" in columns
+    _predict_and_infer(run, synth, tmp_path)

@@ -36,6 +36,8 @@ class ModelEntry:
 ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry("state", "state.tx.models.state_transition:StateTransitionPerturbationModel",
                passes_basal_mapping_strategy=True, extra_training_logs=True, lightning_free_inference=True),
+    ModelEntry("state_plus", "state.tx.models.state_plus:StatePlusPerturbationModel",
+               passes_basal_mapping_strategy=True, extra_training_logs=True),
     ModelEntry("perturb_mean", "state.tx.models.mean_baselines:PerturbMeanPerturbationModel",
                forced_max_steps=1, checkpoint_marker="pert_mean_offsets"),
     ModelEntry("context_mean", "state.tx.models.mean_baselines:ContextMeanPerturbationModel",
