@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers.synthetic import make_processed_dataset, write_toml
@@ -77,3 +78,15 @@ def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_pa
     columns = (run / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/set_mean_loss" in columns
     _predict_and_infer(run, synth, tmp_path)
+
+
+def test_predict_baselines_scores_perturb_mean_and_linear_beside_the_model(synth, tmp_path, capsys):
+    run = _train(synth, tmp_path, "linear")
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "final.ckpt", "--baselines"]) == 0
+    assert "model vs free baselines" in capsys.readouterr().out
+    eval_dir = run / "eval_final.ckpt"
+    table = pd.read_csv(eval_dir / "baselines_comparison.csv", index_col=0)
+    assert list(table.columns) == ["model", "perturb_mean", "linear"]
+    assert table.loc["pearson_delta"].notna().all()
+    assert (eval_dir / "baselines_comparison.png").stat().st_size > 0
+    assert list((eval_dir / "baseline_linear").glob("*_agg_results.csv"))

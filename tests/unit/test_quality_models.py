@@ -53,3 +53,24 @@ def test_linear_lines_are_finite_for_a_context_with_one_perturbation(ridge):
     table = MeanResponses({("a", "p"): np.ones(3), ("b", "p"): np.ones(3) * 2, ("b", "q"): np.zeros(3)}, 3)
     lines = fit_context_lines(table, ridge=ridge)
     assert set(lines) == {"a", "b"} and all(np.isfinite(v).all() for v in lines.values())
+
+
+def test_baseline_prediction_is_a_same_context_control_plus_the_response():
+    import anndata as ad
+    import pandas as pd
+
+    from state.tx.predict.baselines import baseline_adata
+
+    table, shared = _table(np.random.default_rng(3))
+    obs = pd.DataFrame({"gene": ["ctrl", "ctrl", "p9", "p9", "ctrl", "p1"],
+                        "cell_type": ["ctxC", "ctxC", "ctxC", "ctxC", "ctxA", "ctxA"]})
+    x = np.abs(np.random.default_rng(4).normal(size=(6, 5))).astype(np.float32) + 5.0  # far from the 0 clip
+    x[1] = x[0]  # both ctxC controls equal: the drawn control is known
+    real = ad.AnnData(X=x, obs=obs)
+    pm = baseline_adata(real, table, kind="perturb_mean", control="ctrl", pert_col="gene", cell_type_key="cell_type")
+    np.testing.assert_allclose(pm.X[2], x[0] + shared[9], atol=1e-5)
+    np.testing.assert_allclose(pm.X[5], x[4] + table.elsewhere("ctxA", "p1"), atol=1e-5)
+    np.testing.assert_array_equal(pm.X[[0, 1, 4]], x[[0, 1, 4]])  # controls are not predicted
+    lin = baseline_adata(real, table, kind="linear", control="ctrl", pert_col="gene", cell_type_key="cell_type")
+    truth = x[0] + 0.3 + 2.0 * shared[9]  # ctxC's gain: the linear baseline learns it (shrunk), perturb_mean not
+    assert np.abs(lin.X[3] - truth).sum() < 0.5 * np.abs(pm.X[3] - truth).sum()

@@ -50,6 +50,8 @@ def _add_predict(sub) -> None:
     _bool_flag(p, "--shared-only", "--shared_only", help="keep only perturbations present in train and test")
     _bool_flag(p, "--eval-train-data", "--eval_train_data", help="predict on the training split instead of test")
     _bool_flag(p, "--pseudobulk", help="average predictions per (context, perturbation) before evaluation")
+    _bool_flag(p, "--baselines", help="also fit perturb_mean and linear on the run's training split and show "
+               "them beside the model (table + baselines_comparison.png)")
     p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 

@@ -43,11 +43,16 @@ def predict(args: argparse.Namespace) -> int:
         shared_only=args.shared_only,
         eval_train_data=args.eval_train_data,
         pseudobulk=args.pseudobulk,
+        baselines=getattr(args, "baselines", False),
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
 
         print(format_summary(result.metrics))  # the command's result, so stdout
+    if result.baselines is not None:
+        from state.tx.predict.baselines import format_comparison
+
+        print(format_comparison(result.baselines))
     log.info("results in %s", result.eval_dir)
     return 0
 

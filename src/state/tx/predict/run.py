@@ -32,6 +32,7 @@ class PredictResult:
     n_cells: int
     adata_paths: list[Path] = field(default_factory=list)
     metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
+    baselines: object = None  # --baselines: model vs perturb_mean / linear table (pandas), else None
 
 
 def load_run_config(output_dir: Path) -> dict:
@@ -124,6 +125,7 @@ def predict(
     shared_only: bool = False,
     eval_train_data: bool = False,
     pseudobulk: bool = False,
+    baselines: bool = False,
 ) -> PredictResult:
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
@@ -159,6 +161,12 @@ def predict(
         result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
                                            pert_col=pert_col, cell_type_key=cell_type_key,
                                            embed_key=data_kwargs.get("embed_key"), profile=profile)
+        if baselines:
+            from state.tx.predict.baselines import compare_with_baselines
+
+            result.baselines = compare_with_baselines(
+                data, adata_pred, adata_real, result.metrics, eval_dir=eval_dir, control=control, pert_col=pert_col,
+                cell_type_key=cell_type_key, embed_key=data_kwargs.get("embed_key"), profile=profile)
     return result
 
 
