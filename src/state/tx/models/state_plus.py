@@ -5,10 +5,13 @@ distributional loss are ``model=state``'s; this subclass adds four opt-in parts,
 ``model.kwargs`` key (``model=state`` itself never sees them, so its configs, hyper-parameters and
 checkpoints are unchanged):
 
-* ``response_residual``: predictions are the network's output plus the perturbation's mean
-  pseudo-bulk response in the *other* training contexts (what ``perturb_mean`` predicts, with the
-  own context left out so training pairs look like held-out ones). The network learns what is
-  specific to the context instead of re-learning every perturbation from a one-hot vector.
+* ``response_residual``: predictions are control cell + the perturbation's mean pseudo-bulk
+  response in the *other* training contexts (what ``perturb_mean`` predicts, with the own context
+  left out so training pairs look like held-out ones) + the network's output, whose last layer
+  starts at zero: training starts from the baseline and the network learns what is specific to
+  the context and the cell instead of re-learning every perturbation and the identity map. (When
+  the input is not in the output space, e.g. embedding in, genes out, the control cell is not
+  added: the network's output is the base.)
 * ``response_features``: the same response is also an input of the perturbation encoder (next to
   the one-hot vector), so a perturbation held out of a context is described by what it does
   elsewhere; this is what lets the network generalise to it.
@@ -65,6 +68,19 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         self._set_mean_term: torch.Tensor | None = None
         if self.response_features:
             self._widen_pert_encoder()
+        # Expression outputs stay non-negative: the net's final ReLU, or a clamp after the residual.
+        self._non_negative = self.net.relu is not None
+        self._on_basal = self.response_residual and self.input_dim == self.output_dim
+        if self._on_basal:
+            self._start_as_the_mean_response()
+
+    def _start_as_the_mean_response(self) -> None:
+        """The net predicts a correction on top of (control cell + response elsewhere): no final ReLU
+        on the correction, and its last layer starts at zero, so training starts from perturb_mean."""
+        self.net.relu = None
+        last = [m for m in self.net.project_out.modules() if isinstance(m, nn.Linear)][-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def _widen_pert_encoder(self) -> None:
         """The perturbation encoder reads [one-hot, response elsewhere] (same layout, wider input)."""
@@ -117,8 +133,8 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             pert = torch.cat([pert, response], dim=-1)  # [B, S, P + D_out]
         out = self.net(pert, basal, batch_index)
         if self.response_residual:
-            preds = out.preds + response
-            out.preds = preds.clamp_min(0.0) if self.net.relu is not None else preds
+            preds = out.preds + response + (basal if self._on_basal else 0.0)
+            out.preds = preds.clamp_min(0.0) if self._non_negative else preds
         self._last_preds = out.preds
         return out
 
