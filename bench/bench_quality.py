@@ -1,0 +1,165 @@
+"""Prediction quality against known true effects: does a model beat the free baselines?
+
+Data: :func:`state.datasets.synthetic_effects.make_effects_adata` (3 contexts, 60 perturbations with
+shared and context-specific programs, null and off-panel perturbations), processed like
+``preprocess_train`` (log1p, 100 HVGs). Tasks (the State paper's settings):
+
+* ``fewshot``: the last context keeps 30 % of its perturbations for training (3 for validation,
+  the rest are the test set);
+* ``zeroshot``: the last context is held out entirely.
+
+Every model is trained and scored through the CLI (``state tx train`` then ``state tx predict``, which
+runs cell-eval). Truth correlation: per test (context, perturbation), Pearson over HVGs between the
+predicted change (mean prediction - mean observed control of the context) and the true log-mean shift,
+averaged; ``observed`` is the same for the observed cells (the ceiling from data). cell-eval columns
+are means over test perturbations. Usage::
+
+    python bench/bench_quality.py                      # full table (3 seeds x 2 tasks), writes BENCHMARKS.md
+    python bench/bench_quality.py --seeds 0 --tasks fewshot --models state_plus --extra model.kwargs.set_mean_weight=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OURS, WORK, bench_env, run_cmd, write_section  # noqa: E402
+
+SIZES = ["model.kwargs.cell_set_len=32", "model.kwargs.hidden_dim=64",
+         "model.kwargs.transformer_backbone_kwargs.intermediate_size=128",
+         "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=2",
+         "model.kwargs.transformer_backbone_kwargs.num_attention_heads=4",
+         "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=4",
+         "model.kwargs.transformer_backbone_kwargs.head_dim=16"]
+MODELS = {  # name in the table -> model overrides
+    "perturb_mean": ["model=perturb_mean", "model.kwargs.cell_set_len=32"],
+    "context_mean": ["model=context_mean", "model.kwargs.cell_set_len=32"],
+    "linear": ["model=linear", "model.kwargs.cell_set_len=32"],
+    "state": ["model=state", *SIZES],
+    "state_plus": ["model=state_plus", *SIZES],
+}
+METRICS = ["pearson_delta", "discrimination_score_l1", "pr_auc", "mae"]
+
+
+def make_task(root: Path, seed: int, task: str) -> tuple[Path, Path]:
+    """(split toml, truth csv) for one seed and task; the data is written once per seed."""
+    from state.datasets.synthetic import write_toml
+    from state.datasets.synthetic_effects import make_effects_adata, truth_table
+    from state.tx.preprocess import normalize_log1p_hvg
+
+    data, truth = root / f"seed{seed}" / "data.h5ad", root / f"seed{seed}" / "truth.csv"
+    if not data.is_file():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        adata = make_effects_adata(seed=seed)
+        table = truth_table(adata)
+        normalize_log1p_hvg(adata, num_hvgs=100)
+        del adata.uns["true_effects"]
+        adata.write_h5ad(data)
+        table.to_csv(truth)
+    obs = pd.read_csv(truth, index_col=[0, 1]).index
+    contexts = sorted(set(obs.get_level_values(0)))
+    perts = sorted(set(obs.get_level_values(1)))
+    held = contexts[-1]
+    order = np.random.default_rng(100 + seed).permutation(perts)
+    n_test = round(0.7 * len(perts))
+    if task == "fewshot":
+        split = {"fewshot": {held: {"val": list(order[n_test:n_test + 3]), "test": list(order[:n_test])}}}
+    else:
+        split = {"zeroshot": {held: "test"}}
+    toml = write_toml(root / f"seed{seed}" / f"{task}.toml", dataset_name="q", data_path=data, **split)
+    return toml, truth
+
+
+def truth_correlation(eval_dir: Path, truth_csv: Path) -> dict[str, float]:
+    import anndata as ad
+
+    pred, real = ad.read_h5ad(eval_dir / "adata_pred.h5ad"), ad.read_h5ad(eval_dir / "adata_real.h5ad")
+    truth = pd.read_csv(truth_csv, index_col=[0, 1])
+    genes = list(pred.var_names)
+    scores: dict[str, list[float]] = {"model": [], "observed": []}
+    for ctx in sorted(set(real.obs["cell_type"].astype(str))):
+        in_ctx = (real.obs["cell_type"].astype(str) == ctx).to_numpy()
+        labels = real.obs["gene"].astype(str).to_numpy()
+        ctrl = np.asarray(real.X[in_ctx & (labels == "non-targeting")]).mean(axis=0)
+        for pert in sorted(set(labels[in_ctx]) - {"non-targeting"}):
+            rows = in_ctx & (labels == pert)
+            true = truth.loc[(ctx, pert), genes].to_numpy(dtype=float)
+            for name, source in (("model", pred), ("observed", real)):
+                change = np.asarray(source.X[rows]).mean(axis=0) - ctrl
+                ok = np.std(change) > 0 and np.std(true) > 0
+                scores[name].append(float(np.corrcoef(change, true)[0, 1]) if ok else 0.0)
+    return {f"truth_corr_{k}": float(np.mean(v)) for k, v in scores.items()}
+
+
+def run_one(root: Path, seed: int, task: str, label: str, overrides: list[str], steps: int) -> dict:
+    toml, truth = make_task(root, seed, task)
+    run_dir = root / f"seed{seed}" / task / label
+    env = bench_env(2)
+    train = [OURS, "tx", "train", f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg",
+             "data.kwargs.output_space=gene", "data.kwargs.num_workers=0", "data.kwargs.control_pert=non-targeting",
+             "use_wandb=false", f"output_dir={run_dir.parent}", f"name={label}", "overwrite=true",
+             f"training.max_steps={steps}", f"training.val_freq={steps}", f"training.ckpt_every_n_steps={steps}",
+             "training.batch_size=8", "training.lr=5e-4", f"training.train_seed={seed}", *overrides]
+    if run_cmd(train, env=env, log_path=root / f"{task}_{label}_{seed}_train.log").returncode:
+        raise SystemExit(f"train failed: see {root}/{task}_{label}_{seed}_train.log")
+    predict = [OURS, "tx", "predict", "--output-dir", str(run_dir), "--checkpoint", "final.ckpt"]
+    log = root / f"{task}_{label}_{seed}_predict.log"
+    if run_cmd(predict, env=env, log_path=log).returncode and run_cmd(predict, env=env, log_path=log).returncode:
+        raise SystemExit(f"predict failed: see {root}/{task}_{label}_{seed}_predict.log")
+    eval_dir = run_dir / "eval_final.ckpt"
+    row = {"task": task, "seed": seed, "model": label, **truth_correlation(eval_dir, truth)}
+    agg = pd.concat([pd.read_csv(f) for f in eval_dir.glob("*_agg_results.csv")])
+    means = agg[agg.iloc[:, 0] == "mean"]
+    row.update({m: float(means[m].mean()) for m in METRICS if m in means})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=["fewshot", "zeroshot"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=600, help="training steps of the neural models")
+    parser.add_argument("--extra", nargs="*", default=[], help="extra overrides for the neural models")
+    parser.add_argument("--label", default=None, help="table label for the (single) model with --extra")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+    root = WORK / "quality"
+    rows = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            for name in args.models:
+                neural = name.startswith("state")
+                overrides = MODELS[name] + (args.extra if neural else [])
+                label = args.label or name
+                rows.append(run_one(root, seed, task, label, overrides, args.steps if neural else 1))
+                print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    with open(root / "results.jsonl", "a") as sink:
+        for row in rows:
+            sink.write(json.dumps(row) + "\n")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if not args.no_write:
+        write_section("quality", render(table, args))
+
+
+def render(table: pd.DataFrame, args) -> str:
+    cols = ["truth_corr_model", *[m for m in METRICS if m in table]]
+    mean = table.groupby(["task", "model"], sort=False)[cols + ["truth_corr_observed"]].mean()
+    per_seed = table.pivot_table(index=["task", "model"], columns="seed", values="truth_corr_model", sort=False)
+    per_seed.columns = [f"truth r, seed {s}" for s in per_seed.columns]
+    lines = ["## Prediction quality against known effects (bench/bench_quality.py)", "",
+             f"Command: `python bench/bench_quality.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`"
+             " (2 CPU threads). Means over seeds; `truth_corr_observed` is the ceiling from the observed cells.",
+             "", mean.to_markdown(floatfmt=".3f"), "", per_seed.to_markdown(floatfmt=".3f"), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
