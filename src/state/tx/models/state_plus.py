@@ -15,6 +15,9 @@ checkpoints are unchanged):
 * ``response_features``: the same response is also an input of the perturbation encoder (next to
   the one-hot vector), so a perturbation held out of a context is described by what it does
   elsewhere; this is what lets the network generalise to it.
+* ``residual_base``: ``elsewhere`` (the response above) or ``linear`` (the ``linear`` baseline's
+  prediction of the response: a per-context intercept and gain applied to it), for both the
+  residual and the feature.
 * ``set_mean_weight``: an MSE between the predicted and true set means (pseudo-bulk) next to the
   energy distance, closer to the metrics, which compare pseudo-bulk changes.
 * ``lr_schedule``: ``cosine`` (linear warm-up over ``warmup_fraction`` of ``training.max_steps``,
@@ -35,12 +38,16 @@ import torch
 from torch import nn
 
 from state.tx.models.entries import MODEL_NAME_KEY
+from state.tx.models.linear_baseline import fit_context_lines
 from state.tx.models.mean_response import CHECKPOINT_KEY, MeanResponses
 from state.tx.models.state_transition import StateTransitionPerturbationModel
 from state.tx.nn.mlp import activation_class, build_mlp
 from state.utils.errors import StateError
 
-RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "set_mean_weight": 1.0,
+LINES_KEY = "state_plus_linear_lines"
+LINEAR_RIDGE = 0.1  # model=linear's default
+RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "elsewhere",
+                   "set_mean_weight": 1.0,
                    "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1}
 
 
@@ -55,10 +62,15 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if recipe["lr_schedule"] not in ("cosine", "constant"):
             raise StateError(f"unknown model.kwargs.lr_schedule '{recipe['lr_schedule']}'",
                              hint="use cosine or constant")
+        if recipe["residual_base"] not in ("elsewhere", "linear"):
+            raise StateError(f"unknown model.kwargs.residual_base '{recipe['residual_base']}'",
+                             hint="use elsewhere (perturb_mean-like) or linear (the linear baseline's response)")
         super().__init__(**kwargs)
         self.add_hparams(recipe)
         self.response_residual = bool(recipe["response_residual"])
         self.response_features = bool(recipe["response_features"])
+        self.residual_base = str(recipe["residual_base"])
+        self.lines: dict[str, Any] = {}  # residual_base=linear: {context: [2, D] intercept, gain}
         self.set_mean_weight = float(recipe["set_mean_weight"])
         self.lr_schedule = str(recipe["lr_schedule"])
         self.warmup_fraction = float(recipe["warmup_fraction"])
@@ -100,17 +112,22 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
                              "fit it with trainer.fit(model, datamodule=...)")
         if self.responses is None:  # a resumed run keeps the table of its checkpoint
             self.responses = MeanResponses.from_datamodule(datamodule, str(self.control_pert))
+            if self.residual_base == "linear":
+                self.lines = fit_context_lines(self.responses, LINEAR_RIDGE)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[MODEL_NAME_KEY] = "state_plus"
         if self.responses is not None:
             checkpoint[CHECKPOINT_KEY] = self.responses.to_checkpoint()
+        if self.lines:
+            checkpoint[LINES_KEY] = dict(self.lines)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get(CHECKPOINT_KEY) is not None:
             self.responses = MeanResponses.from_checkpoint(checkpoint[CHECKPOINT_KEY])
+        self.lines = {str(k): v for k, v in (checkpoint.get(LINES_KEY) or {}).items()}
 
     def _response_rows(self, batch: Mapping[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         """Each cell's response elsewhere, [B, S, D_out]."""
@@ -122,6 +139,10 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         contexts = batch.get("cell_type")
         contexts = None if contexts is None else [str(c) for c in contexts]
         rows = self.responses.elsewhere_rows(contexts, [str(p) for p in names])
+        if self.lines and contexts is not None:  # residual_base=linear: the linear baseline's response
+            for i, ctx in enumerate(contexts):
+                if ctx in self.lines and rows[i].any():
+                    rows[i] = self.lines[ctx][0] + self.lines[ctx][1] * rows[i]
         return torch.from_numpy(rows).to(self.device, self.dtype).reshape(*shape, -1)
 
     # ------------------------------------------------------------------ forward
