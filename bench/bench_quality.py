@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["fewshot", "zeroshot"])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the neural models")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the neural models")
     parser.add_argument("--extra", nargs="*", default=[], help="extra overrides for the neural models")
     parser.add_argument("--label", default=None, help="table label for the (single) model with --extra")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
@@ -148,7 +148,7 @@ def main() -> None:
                 rows.append(run_one(root, seed, task, label, overrides, args.steps if neural else 1))
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
-    with open(root / "results.jsonl", "a") as sink:
+    with open(root / "results.jsonl", "a" if not args.rescore else "w") as sink:
         for row in rows:
             sink.write(json.dumps(row) + "\n")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -161,31 +161,47 @@ def rescore(root: Path, args) -> list[dict]:
     for seed in args.seeds:
         for task in args.tasks:
             for run_dir in sorted((root / f"seed{seed}" / task).glob("*/eval_final.ckpt")):
+                if not any(f for f in run_dir.glob("*_results.csv") if "_agg_" not in f.name):
+                    continue  # still being predicted
                 rows.append(score(run_dir.parent, root / f"seed{seed}" / "truth.csv", seed=seed, task=task,
                                   label=run_dir.parent.name))
     return rows
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """A pipe table (index columns first), numbers with 3 decimals; no tabulate needed."""
+    flat = frame.reset_index()
+    head = "| " + " | ".join(map(str, flat.columns)) + " |"
+    rule = "|" + "---|" * len(flat.columns)
+    cells = [["-" if isinstance(v, float) and np.isnan(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+              for v in row] for row in flat.itertuples(index=False)]
+    return "\n".join([head, rule, *("| " + " | ".join(c) + " |" for c in cells)])
+
+
 def render(table: pd.DataFrame, args) -> str:
-    """Means over seeds per (task, model), the per-seed truth correlations, and a scaled score."""
+    """Main table (models of MODELS, per seed and mean) and the ablation table (seed 0, every label)."""
     table = table.copy()
     base = table[table["model"] == "perturb_mean"].set_index(["task", "seed"])["truth_corr_model"]
-    key = list(zip(table["task"], table["seed"]))
-    ref = np.array([base.get(k, np.nan) for k in key])
+    ref = np.array([base.get(k, np.nan) for k in zip(table["task"], table["seed"])])
     # 0 = perturb_mean, 1 = the observed cells (this benchmark's own scaling, not cell-eval2's vcc2026)
     table["truth_scaled"] = (table["truth_corr_model"] - ref) / (table["truth_corr_observed"] - ref)
     cols = ["truth_corr_model", "truth_scaled", *[m for m in METRICS if m in table], "truth_corr_observed"]
-    mean = table.groupby(["task", "model"], sort=False)[cols].mean()
-    per_seed = table.pivot_table(index=["task", "model"], columns="seed", values="truth_corr_model", sort=False)
-    per_seed.columns = [f"truth r, seed {s}" for s in per_seed.columns]
+    main_rows = table[table["model"].isin(list(MODELS))]
+    mean = main_rows.groupby(["task", "model"], sort=True)[cols].mean()
+    per_seed = main_rows.pivot_table(index=["task", "model"], columns="seed",
+                                     values=["truth_corr_model", "discrimination_score_l1"])
+    per_seed.columns = [f"{'truth r' if m == 'truth_corr_model' else 'PDS l1'}, seed {s}" for m, s in per_seed.columns]
+    ablation = table[table["seed"] == min(table["seed"])].set_index(["task", "model"])[cols].sort_index()
     lines = ["## Prediction quality against known effects (`bench/bench_quality.py`)", "",
              f"Command: `python bench/bench_quality.py --seeds {' '.join(map(str, args.seeds))} "
-             f"--tasks {' '.join(args.tasks)} --steps {args.steps}` (2 CPU threads). Means over seeds. "
+             f"--tasks {' '.join(args.tasks)} --steps {args.steps}` (2 CPU threads; ablation rows: "
+             "`--models state_plus --extra model.kwargs.<key>=<value> --label <row>`). "
              "`truth_corr_model`: Pearson (over HVGs) of the predicted change with the true log-mean shift, "
              "mean over test perturbations; `truth_corr_observed`: the same for the observed cells (the ceiling "
              "from data); `truth_scaled`: 0 = perturb_mean, 1 = observed. cell-eval columns: means over test "
-             "perturbations (NaN-aware).", "", mean.to_markdown(floatfmt=".3f"), "",
-             per_seed.to_markdown(floatfmt=".3f"), ""]
+             "perturbations (NaN-aware).", "", "Means over seeds:", "", markdown(mean), "",
+             "Per seed:", "", markdown(per_seed), "",
+             f"Ablation (seed {min(table['seed'])}):", "", markdown(ablation), ""]
     return "\n".join(lines)
 
 
