@@ -70,6 +70,7 @@ def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_pa
     hp = ckpt["hyper_parameters"]
     assert hp["lr_schedule"] == "cosine" and hp["set_mean_weight"] == 1.0 and hp["response_features"]
     assert ckpt["state_tx_model"] == "state_plus"
+    assert hp["residual_base"] == "linear" and set(ckpt["state_plus_linear_lines"]) == {"HepG2", "Jurkat", "K562"}
     # the perturbation encoder reads the one-hot vector and the response (pert_dim + output_dim)
     first = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder.") and k.endswith("weight"))
     assert ckpt["state_dict"][first].shape[1] == hp["pert_dim"] + hp["output_dim"]

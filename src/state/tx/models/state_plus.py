@@ -46,7 +46,7 @@ from state.utils.errors import StateError
 
 LINES_KEY = "state_plus_linear_lines"
 LINEAR_RIDGE = 0.1  # model=linear's default
-RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "elsewhere",
+RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "linear",
                    "set_mean_weight": 1.0,
                    "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1}
 
