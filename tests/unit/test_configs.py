@@ -24,7 +24,7 @@ ARC_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "arc_configs"
 MODEL_NAMES = {  # Hydra choice -> model.name (which selects the Python class)
     "state": "state", "state_sm": "state", "state_lg": "state", "tahoe_best": "state",
     "tahoe_llama_212693232": "state", "tahoe_llama_62089464": "state", "pertsets": "state",
-    "perturb_mean": "perturb_mean", "context_mean": "context_mean", "celltypemean": "CellTypeMean",
+    "perturb_mean": "perturb_mean", "context_mean": "context_mean", "celltypemean": "CellTypeMean", "linear": "linear", "state_plus": "state_plus",
     "globalsimplesum": "GlobalSimpleSum", "decoder_only": "decoder_only", "old_neuralot": "old_neuralot",
     "embedsum": "EmbedSum", "pseudobulk": "pseudobulk", "cpa": "CPA", "scvi": "scVI",
     "scgpt-genetic": "scGPT-genetic", "scgpt-chemical": "scGPT-chemical",

@@ -102,3 +102,24 @@ def test_examples_load_from_repo_root(monkeypatch):
         batch = next(iter(dm.train_dataloader()))
         assert batch["pert_cell_emb"].shape[1] == 16 and batch["pert_cell_counts"].shape[1] == 64
         assert len(dm.test_datasets) >= 1
+
+
+def test_effects_generator_records_context_specific_truth_with_null_and_off_panel_perturbations():
+    from state.datasets.synthetic_effects import make_effects_adata, truth_table
+
+    adata = make_effects_adata(n_contexts=3, n_perts=20, n_genes=60, cells_per_group=4, control_cells=10, seed=3)
+    again = make_effects_adata(n_contexts=3, n_perts=20, n_genes=60, cells_per_group=4, control_cells=10, seed=3)
+    assert (adata.X != again.X).nnz == 0  # one seed, one data set
+    truth = truth_table(adata)
+    assert truth.shape == (3 * 20, 60)
+    perts = sorted(set(truth.index.get_level_values(1)))
+    off_panel = [p for p in perts if p.startswith("OFF")]
+    assert len(off_panel) == 2 and not set(off_panel) & set(adata.var_names)
+    moved = {p: (truth.xs(p, level=1).abs() > 0).sum(axis=1) for p in perts}
+    null = [p for p in perts if p not in off_panel and moved[p].max() == 1]  # knockdown of its target only
+    assert len(null) == 2
+    # contexts respond differently to the same perturbation (gains and context programs)
+    active = next(p for p in perts if moved[p].max() > 3)
+    by_context = truth.xs(active, level=1).to_numpy()
+    assert not np.allclose(by_context[0], by_context[1])
+    assert np.corrcoef(by_context[0], by_context[1])[0, 1] > 0.3  # ... but share the perturbation's programs

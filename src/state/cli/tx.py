@@ -59,6 +59,8 @@ def _add_predict(sub) -> None:
     _bool_flag(p, "--stream-adatas", "--stream_adatas",
                help="stream per-batch predictions to adata_pred/adata_real.h5ad, bounding memory; "
                "requires --predict-only")
+    _bool_flag(p, "--baselines", help="also fit perturb_mean and linear on the run's training split and show "
+               "them beside the model (table + baselines_comparison.png)")
     p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 

@@ -46,6 +46,7 @@ def predict(args: argparse.Namespace) -> int:
         stream_adatas=args.stream_adatas,
         scorer=args.scorer,
         preset=args.preset,
+        baselines=args.baselines,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary
@@ -55,6 +56,10 @@ def predict(args: argparse.Namespace) -> int:
         from state.tx.predict.eval2 import format_eval2_summary
 
         print(format_eval2_summary(result.scores_eval2, preset=args.preset))
+    if result.baselines is not None:
+        from state.tx.predict.baselines import format_comparison
+
+        print(format_comparison(result.baselines))
     log.info("results in %s", result.eval_dir)
     return 0
 

@@ -33,6 +33,7 @@ class PredictResult:
     adata_paths: list[Path] = field(default_factory=list)
     metrics: dict[str, object] = field(default_factory=dict)  # cell type -> aggregate table (polars)
     scores_eval2: dict[str, object] = field(default_factory=dict)  # cell type -> cell-eval2 scores (pandas)
+    baselines: object = None  # --baselines: model vs perturb_mean / linear table (pandas), else None
 
 
 def load_run_config(output_dir: Path) -> dict:
@@ -180,6 +181,7 @@ def predict(
     stream_adatas: bool = False,
     scorer: str = "cell-eval",
     preset: str | None = None,
+    baselines: bool = False,
 ) -> PredictResult:
     from state.tx.predict import eval2
 
@@ -232,6 +234,12 @@ def predict(
         result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
                                            pert_col=pert_col, cell_type_key=cell_type_key,
                                            embed_key=data_kwargs.get("embed_key"), profile=profile)
+        if baselines:
+            from state.tx.predict.baselines import compare_with_baselines
+
+            result.baselines = compare_with_baselines(
+                data, adata_pred, adata_real, result.metrics, eval_dir=eval_dir, control=control, pert_col=pert_col,
+                cell_type_key=cell_type_key, embed_key=data_kwargs.get("embed_key"), profile=profile)
     return result
 
 

@@ -1,0 +1,76 @@
+"""The response table and the ``linear`` baseline's fit on exact, tiny pseudo-bulk responses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from state.tx.models.linear_baseline import fit_context_lines
+from state.tx.models.mean_response import MeanResponses
+
+
+def _table(rng, n_perts=12, width=5):
+    """Three contexts; ctxC responds with intercept 0.3 and gain 2 to what ctxA/ctxB share."""
+    shared = rng.normal(size=(n_perts, width))
+    responses = {}
+    for p in range(n_perts):
+        responses[("ctxA", f"p{p}")] = shared[p]
+        responses[("ctxB", f"p{p}")] = shared[p]
+        if p < n_perts // 2:  # ctxC saw only half of the perturbations (few-shot)
+            responses[("ctxC", f"p{p}")] = 0.3 + 2.0 * shared[p]
+    return MeanResponses(responses, width), shared
+
+
+def test_elsewhere_leaves_the_own_context_out_and_unknowns_are_zero():
+    table, shared = _table(np.random.default_rng(0))
+    np.testing.assert_allclose(table.elsewhere("ctxC", "p0"), shared[0], atol=1e-6)
+    np.testing.assert_allclose(table.elsewhere("ctxA", "p0"), (shared[0] + 0.3 + 2 * shared[0]) / 2, atol=1e-5)
+    np.testing.assert_allclose(table.elsewhere(None, "p9"), shared[9], atol=1e-6)  # only ctxA, ctxB saw p9
+    assert not table.elsewhere("ctxA", "never-seen").any()
+    again = MeanResponses.from_checkpoint(table.to_checkpoint())
+    np.testing.assert_array_equal(again.elsewhere("ctxA", "p3"), table.elsewhere("ctxA", "p3"))
+
+
+def test_linear_lines_recover_the_few_shot_context_gain():
+    table, shared = _table(np.random.default_rng(1))
+    lines = fit_context_lines(table, ridge=1e-6)
+    intercept, slope = lines["ctxC"]
+    np.testing.assert_allclose(intercept, 0.3, atol=1e-3)
+    np.testing.assert_allclose(slope, 2.0, atol=1e-3)
+    # a held-out perturbation of ctxC: the line predicts it, perturb_mean (the mean elsewhere) does not
+    predicted = intercept + slope * table.elsewhere("ctxC", "p10")
+    np.testing.assert_allclose(predicted, 0.3 + 2.0 * shared[10], atol=1e-3)
+
+
+def test_linear_ridge_shrinks_towards_perturb_mean():
+    table, _ = _table(np.random.default_rng(2))
+    intercept, slope = fit_context_lines(table, ridge=1e6)["ctxC"]
+    assert np.abs(intercept).max() < 1e-3 and np.abs(slope - 1.0).max() < 1e-3
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 0.1])
+def test_linear_lines_are_finite_for_a_context_with_one_perturbation(ridge):
+    table = MeanResponses({("a", "p"): np.ones(3), ("b", "p"): np.ones(3) * 2, ("b", "q"): np.zeros(3)}, 3)
+    lines = fit_context_lines(table, ridge=ridge)
+    assert set(lines) == {"a", "b"} and all(np.isfinite(v).all() for v in lines.values())
+
+
+def test_baseline_prediction_is_a_same_context_control_plus_the_response():
+    import anndata as ad
+    import pandas as pd
+
+    from state.tx.predict.baselines import baseline_adata
+
+    table, shared = _table(np.random.default_rng(3))
+    obs = pd.DataFrame({"gene": ["ctrl", "ctrl", "p9", "p9", "ctrl", "p1"],
+                        "cell_type": ["ctxC", "ctxC", "ctxC", "ctxC", "ctxA", "ctxA"]})
+    x = np.abs(np.random.default_rng(4).normal(size=(6, 5))).astype(np.float32) + 5.0  # far from the 0 clip
+    x[1] = x[0]  # both ctxC controls equal: the drawn control is known
+    real = ad.AnnData(X=x, obs=obs)
+    pm = baseline_adata(real, table, kind="perturb_mean", control="ctrl", pert_col="gene", cell_type_key="cell_type")
+    np.testing.assert_allclose(pm.X[2], x[0] + shared[9], atol=1e-5)
+    np.testing.assert_allclose(pm.X[5], x[4] + table.elsewhere("ctxA", "p1"), atol=1e-5)
+    np.testing.assert_array_equal(pm.X[[0, 1, 4]], x[[0, 1, 4]])  # controls are not predicted
+    lin = baseline_adata(real, table, kind="linear", control="ctrl", pert_col="gene", cell_type_key="cell_type")
+    truth = x[0] + 0.3 + 2.0 * shared[9]  # ctxC's gain: the linear baseline learns it (shrunk), perturb_mean not
+    assert np.abs(lin.X[3] - truth).sum() < 0.5 * np.abs(pm.X[3] - truth).sum()
