@@ -183,16 +183,9 @@ def predict(
     preset: str | None = None,
     baselines: bool = False,
 ) -> PredictResult:
-    from state.tx.predict import eval2
-
     stream_adatas = check_stream_flags(predict_only=predict_only, skip_adatas=skip_adatas,
                                        stream_adatas=stream_adatas, pseudobulk=pseudobulk)
-    if scorer not in eval2.SCORERS:
-        raise StateError(f"unknown scorer '{scorer}'", hint=f"use one of {', '.join(eval2.SCORERS)}")
-    use_eval2 = scorer != "cell-eval" and not predict_only
-    preset = preset or eval2.DEFAULT_PRESET
-    if use_eval2:
-        eval2.require_cell_eval2(preset)  # before any work, so a missing extra writes nothing
+    use_eval2, preset = _scorer_plan(scorer, preset, predict_only=predict_only)
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
     run_dir = rundir.stored_run_dir(output_dir, cfg)
@@ -208,39 +201,83 @@ def predict(
     shared = data.get_shared_perturbations() if shared_only else None
     eval_dir = output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
     data_kwargs = cfg["data"]["kwargs"]
-    pert_col, cell_type_key = data_kwargs.get("pert_col", "gene"), data_kwargs.get("cell_type_key", "cell_type")
     if stream_adatas:
         return _stream(model, loader, eval_dir, data_kwargs, keep_perts=shared, gene_names=rundir.read_genes(run_dir))
     collector = _collect(model, loader, PredictionCollector(pseudobulk=pseudobulk, keep_perts=shared))
     eval_dir.mkdir(parents=True, exist_ok=True)
-    adata_pred, adata_real = build_anndatas(
-        collector, pert_col=pert_col, cell_type_key=cell_type_key, batch_key=data_kwargs.get("batch_col") or "batch",
-        embed_key=data_kwargs.get("embed_key"), output_space=data_kwargs.get("output_space", "gene"),
-        gene_names=rundir.read_genes(run_dir) or None,
-    )
-    for adata in (adata_pred, adata_real):
-        adata.uns.update(hvg_names_uns(data_kwargs, rundir.read_genes(run_dir)))
+    adata_pred, adata_real = _anndatas(collector, data_kwargs, rundir.read_genes(run_dir))
     result = PredictResult(eval_dir=eval_dir, n_cells=adata_pred.n_obs)
     if not skip_adatas:
         for name, adata in (("adata_pred.h5ad", adata_pred), ("adata_real.h5ad", adata_real)):
             result.adata_paths.append(atomic_write_h5ad(adata, eval_dir / name))
-    if use_eval2:
-        result.scores_eval2 = eval2.score_with_cell_eval2(
-            adata_pred, adata_real, outdir=eval_dir, control_pert=control, pert_col=pert_col,
-            cell_type_key=cell_type_key, preset=preset)
-    if not predict_only and scorer != "cell-eval2":
-        from state.tx.predict.evaluate import evaluate_and_plot
-
-        result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=eval_dir, control_pert=control,
-                                           pert_col=pert_col, cell_type_key=cell_type_key,
-                                           embed_key=data_kwargs.get("embed_key"), profile=profile)
-        if baselines:
-            from state.tx.predict.baselines import compare_with_baselines
-
-            result.baselines = compare_with_baselines(
-                data, adata_pred, adata_real, result.metrics, eval_dir=eval_dir, control=control, pert_col=pert_col,
-                cell_type_key=cell_type_key, embed_key=data_kwargs.get("embed_key"), profile=profile)
+    scoring = _Scoring(eval_dir=eval_dir, control=control, data_kwargs=data_kwargs, profile=profile,
+                       cell_eval=not predict_only and scorer != "cell-eval2", eval2_preset=preset if use_eval2 else None,
+                       baselines=baselines)
+    _score(result, scoring, data, adata_pred, adata_real)
     return result
 
+
+def _scorer_plan(scorer: str, preset: str | None, *, predict_only: bool) -> tuple[bool, str]:
+    """(whether cell-eval2 scores, its preset); a missing extra is refused before any work is done."""
+    from state.tx.predict import eval2
+
+    if scorer not in eval2.SCORERS:
+        raise StateError(f"unknown scorer '{scorer}'", hint=f"use one of {', '.join(eval2.SCORERS)}")
+    use_eval2 = scorer != "cell-eval" and not predict_only
+    preset = preset or eval2.DEFAULT_PRESET
+    if use_eval2:
+        eval2.require_cell_eval2(preset)  # before any work, so a missing extra writes nothing
+    return use_eval2, preset
+
+
+def _anndatas(collector: PredictionCollector, data_kwargs: dict, gene_names: list[str]):
+    """(adata_pred, adata_real) in arc-state's layout, with the HVG names in ``uns``."""
+    adata_pred, adata_real = build_anndatas(
+        collector, pert_col=data_kwargs.get("pert_col", "gene"),
+        cell_type_key=data_kwargs.get("cell_type_key", "cell_type"),
+        batch_key=data_kwargs.get("batch_col") or "batch", embed_key=data_kwargs.get("embed_key"),
+        output_space=data_kwargs.get("output_space", "gene"), gene_names=gene_names or None,
+    )
+    for adata in (adata_pred, adata_real):
+        adata.uns.update(hvg_names_uns(data_kwargs, gene_names))
+    return adata_pred, adata_real
+
+
+@dataclass
+class _Scoring:
+    """What predict scores with, decided from the flags before any work."""
+
+    eval_dir: Path
+    control: str
+    data_kwargs: dict
+    profile: str
+    cell_eval: bool  # cell-eval metrics and plots (not with --predict-only or --scorer cell-eval2)
+    eval2_preset: str | None  # cell-eval2 preset, or None when cell-eval2 does not score
+    baselines: bool  # --baselines: perturb_mean and linear scored beside the model (needs cell_eval)
+
+
+def _score(result: PredictResult, how: _Scoring, data, adata_pred, adata_real) -> None:
+    pert_col = how.data_kwargs.get("pert_col", "gene")
+    cell_type_key = how.data_kwargs.get("cell_type_key", "cell_type")
+    embed_key = how.data_kwargs.get("embed_key")
+    if how.eval2_preset is not None:
+        from state.tx.predict import eval2
+
+        result.scores_eval2 = eval2.score_with_cell_eval2(
+            adata_pred, adata_real, outdir=how.eval_dir, control_pert=how.control, pert_col=pert_col,
+            cell_type_key=cell_type_key, preset=how.eval2_preset)
+    if not how.cell_eval:
+        return
+    from state.tx.predict.evaluate import evaluate_and_plot
+
+    result.metrics = evaluate_and_plot(adata_pred, adata_real, outdir=how.eval_dir, control_pert=how.control,
+                                       pert_col=pert_col, cell_type_key=cell_type_key, embed_key=embed_key,
+                                       profile=how.profile)
+    if how.baselines:
+        from state.tx.predict.baselines import compare_with_baselines
+
+        result.baselines = compare_with_baselines(
+            data, adata_pred, adata_real, result.metrics, eval_dir=how.eval_dir, control=how.control,
+            pert_col=pert_col, cell_type_key=cell_type_key, embed_key=embed_key, profile=how.profile)
 
 __all__ = ["PredictResult", "predict"]
