@@ -1,8 +1,8 @@
 """Regenerate the `state tx infer` input-edit fixtures from arc-state 0.11.1 runs.
 
-Usage (arc-state installed in its own venv, see /work/shared/ARC_STATE.md):
+Usage (arc-state installed in its own venv, see ../shared/ARC_STATE.md beside the repository):
 
-    python tests/data/infer_edits/make_infer_edits.py --arc /root/arc/bin/state
+    python tests/data/infer_edits/make_infer_edits.py --arc <arc-state venv>/bin/state
 
 Every case runs arc-state's ``tx infer`` on the tx/state_llama fixture run with an input derived
 from ``tests/data/fixtures/tx/state_llama/infer_input.h5ad`` (see ``derive_input``; the tests
@@ -67,7 +67,7 @@ def freeze(path: Path) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arc", default="/root/arc/bin/state", help="arc-state 0.11.1's `state` executable")
+    parser.add_argument("--arc", default=os.environ.get("ARC_STATE", "/root/arc/bin/state"), help="arc-state 0.11.1's `state` executable")
     parser.add_argument("cases", nargs="*", help="cases to regenerate (default: all)")
     args = parser.parse_args()
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
