@@ -15,19 +15,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
+from helpers.runs import TINY_STATE
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.cli import run as cli_run
 from state.io.safe_load import safe_torch_load
 from state.training.runlock import LOCK_FILE
 from state.tx.config.compose import compose_tx_config
 from state.tx.train import run as tx_run
-
-TINY_STATE = ["model=state", "model.kwargs.cell_set_len=8", "model.kwargs.hidden_dim=32",
-              "model.kwargs.transformer_backbone_kwargs.intermediate_size=64",
-              "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=2",
-              "model.kwargs.transformer_backbone_kwargs.num_attention_heads=4",
-              "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=4",
-              "model.kwargs.transformer_backbone_kwargs.head_dim=8", "+model.kwargs.decoder_hidden_dims=[48,48]"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers.runs import TINY_STATE
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.cli import run as cli_run
 from state.io.safe_load import safe_pickle_load, safe_torch_load
@@ -26,13 +27,6 @@ ARC_FILES = ("config.yaml", "data_module.torch", "var_dims.pkl", "pert_onehot_ma
              "checkpoints/final.ckpt")
 OUR_FILES = ("var_dims.json", "vocab/perturbations.json", "vocab/cell_types.json", "vocab/batches.json",
              "vocab/genes.tsv")
-# The tiny llama State Transition model of the arc-state fixture tx/state_llama (see its README).
-TINY_STATE = ["model=state", "model.kwargs.cell_set_len=8", "model.kwargs.hidden_dim=32",
-              "model.kwargs.transformer_backbone_kwargs.intermediate_size=64",
-              "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=2",
-              "model.kwargs.transformer_backbone_kwargs.num_attention_heads=4",
-              "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=4",
-              "model.kwargs.transformer_backbone_kwargs.head_dim=8", "+model.kwargs.decoder_hidden_dims=[48,48]"]
 
 
 @pytest.fixture(scope="module")
