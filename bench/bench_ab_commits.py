@@ -12,7 +12,6 @@ from the difference of two step counts (start-up excluded), infer is the wall ti
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
