@@ -27,3 +27,17 @@ def state_log(caplog):
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def fresh_logger():
+    """Let the CLI attach its log handler to the stderr pytest is capturing now."""
+
+    def drop():
+        logger = logging.getLogger("state")
+        for handler in [h for h in logger.handlers if getattr(h, "_state_handler", False)]:
+            logger.removeHandler(handler)
+
+    drop()
+    yield
+    drop()

@@ -9,7 +9,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 
 from helpers.synthetic import make_perturbation_adata
 from state.__main__ import main
@@ -45,19 +44,6 @@ def test_reader_fallbacks(caplog):
     assert get_hvg_var_names(plain) is None and not validate_hvg_var_names(plain)
 
 
-@pytest.fixture
-def cli_log():
-    """Let the CLI attach its log handler to the stderr pytest captures now."""
-
-    def drop():
-        logger = logging.getLogger("state")
-        for handler in [h for h in logger.handlers if getattr(h, "_state_handler", False)]:
-            logger.removeHandler(handler)
-
-    drop()
-    yield
-    drop()
-
 
 def _infer(tmp_path, source, *flags):
     out = tmp_path / "out.h5ad"
@@ -66,7 +52,7 @@ def _infer(tmp_path, source, *flags):
     return ad.read_h5ad(out)
 
 
-def test_infer_carries_the_names_and_says_so(tmp_path, capsys, cli_log):
+def test_infer_carries_the_names_and_says_so(tmp_path, capsys, fresh_logger):
     adata = ad.read_h5ad(FIX / "infer_input.h5ad")
     names = adata.var_names[adata.var["highly_variable"].to_numpy()]
     adata.uns["X_hvg_var_names"] = np.asarray(names, dtype=object)
@@ -78,7 +64,7 @@ def test_infer_carries_the_names_and_says_so(tmp_path, capsys, cli_log):
     assert f"HVG gene names found for X_hvg: {len(names)} entries." in err and "HVG names: present" in err
 
 
-def test_infer_warns_when_the_names_are_missing(tmp_path, capsys, cli_log):
+def test_infer_warns_when_the_names_are_missing(tmp_path, capsys, fresh_logger):
     adata = ad.read_h5ad(FIX / "infer_input.h5ad")
     del adata.var["highly_variable"]
     source = tmp_path / "in.h5ad"

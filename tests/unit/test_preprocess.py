@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -186,19 +185,6 @@ def test_preprocess_infer_accepts_string_pert_column(tmp_path, processed_path):
 
 # ---------------------------------------------------------------- bad inputs via the CLI
 
-
-@pytest.fixture
-def fresh_logger():
-    """Let the CLI attach its log handler to the stderr pytest is capturing now."""
-
-    def drop():
-        logger = logging.getLogger("state")
-        for handler in [h for h in logger.handlers if getattr(h, "_state_handler", False)]:
-            logger.removeHandler(handler)
-
-    drop()
-    yield
-    drop()
 
 
 def _write(adata, path):
