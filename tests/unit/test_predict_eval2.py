@@ -38,3 +38,12 @@ def test_unknown_scorer_and_preset_are_refused():
     pytest.importorskip("cell_eval2")
     with pytest.raises(StateError, match="unknown preset 'vcc2030'.*vcc2026"):
         eval2.require_cell_eval2("vcc2030")
+
+
+def test_baselines_without_cell_eval_scoring_are_refused_before_any_work():
+    from state.tx.predict.run import predict
+
+    with pytest.raises(StateError, match="--predict-only skips"):
+        predict("/nonexistent/run", baselines=True, predict_only=True)
+    with pytest.raises(StateError, match="--scorer cell-eval2 does not run"):
+        predict("/nonexistent/run", baselines=True, scorer="cell-eval2")

@@ -185,6 +185,10 @@ def predict(
 ) -> PredictResult:
     stream_adatas = check_stream_flags(predict_only=predict_only, skip_adatas=skip_adatas,
                                        stream_adatas=stream_adatas, pseudobulk=pseudobulk)
+    if baselines and (predict_only or scorer == "cell-eval2"):
+        raise StateError("--baselines scores perturb_mean and linear with cell-eval, which "
+                         + ("--predict-only skips" if predict_only else "--scorer cell-eval2 does not run"),
+                         hint="drop --baselines, or score with --scorer cell-eval or both")
     use_eval2, preset = _scorer_plan(scorer, preset, predict_only=predict_only)
     output_dir = Path(output_dir)
     cfg = load_run_config(output_dir)
