@@ -4,8 +4,9 @@ cell-load still decides everything about the split (which cells train, which con
 be paired with): after ``setup()`` its training subsets and its mapping strategy's control pools are
 read out and translated to layout rows (:func:`groups_from_data_module`). Batches are then built by
 worker processes as arrays: the rows of each set are read run by run from the layout file straight
-into one preallocated tensor per batch; names are shared string objects, never per-cell dicts; the
-one-hot columns are filled from codes in the consuming process. The batch has exactly the keys,
+into a shared-memory buffer the worker reuses once the trainer is done with it (batch_slots.py); names,
+barcodes and the one-hot columns travel as codes and byte arrays and are expanded in the consuming
+process, so no per-cell Python object crosses between processes. The batch has exactly the keys,
 shapes and dtypes of cell-load's collate for the same settings.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from state.tx.data import layout as layouts
+from state.tx.data.batch_slots import SLOT_KEY, ReusableBuffers, SlotBoard, SlotReleaser, WorkerSlots
 from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Vocabulary:
     names: np.ndarray  # object array of str, index -> name
     table: torch.Tensor  # index -> vector
     hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
+    buffers: ReusableBuffers = field(default_factory=ReusableBuffers)  # for the wide one-hot batches
 
     @classmethod
     def from_map(cls, mapping: Any) -> Vocabulary:
@@ -50,12 +53,20 @@ class Vocabulary:
         return np.array([where.get(str(c), len(self.names) - 1) for c in categories], dtype=np.int64)
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
-        out = batch_tensor((len(index), self.table.shape[1]))
         if self.hot is None:
-            return torch.index_select(self.table, 0, torch.from_numpy(index), out=out)
-        out.zero_()
+            return torch.index_select(self.table, 0, torch.from_numpy(index))
+        # A wide one-hot batch is as large as the expression rows: reuse a buffer the consumer is done
+        # with and clear only the ones set in it last time, unless someone changed it in place since.
+        entry, reused = self.buffers.take((len(index), self.table.shape[1]))
+        out = entry[0]
+        if reused and entry[1][2] == out._version:
+            out[entry[1][0], entry[1][1]] = 0.0
+        else:
+            out.zero_()
         keep = torch.from_numpy(np.flatnonzero(index < len(self.hot)))
-        out[keep, self.hot[torch.from_numpy(index)[keep]]] = 1.0
+        cols = self.hot[torch.from_numpy(index)[keep]]
+        out[keep, cols] = 1.0
+        entry[1] = (keep, cols, out._version)
         return out
 
 
@@ -164,16 +175,6 @@ class BatchSpec:
     drop_last: bool
 
 
-def _rows_of(table: torch.Tensor, codes: torch.Tensor, hot: torch.Tensor | None) -> torch.Tensor:
-    """table[codes] in a batch buffer; a wide one-hot table is filled by zero + scatter (cheaper)."""
-    out = batch_tensor((len(codes), table.shape[1]))
-    if hot is None:
-        return torch.index_select(table, 0, codes, out=out)
-    out.zero_()
-    out[torch.arange(len(codes)), hot[codes]] = 1.0
-    return out
-
-
 class LayoutSetDataset(Dataset):
     """Index (epoch, batch) -> one whole training batch."""
 
@@ -182,9 +183,20 @@ class LayoutSetDataset(Dataset):
         self.groups, self.tables, self.vocab, self.spec = groups, tables, vocab, spec
         self.rank, self.world_size = rank, world_size
         self._plan: tuple[int, EpochPlan] | None = None
+        self.board: SlotBoard | None = None  # set by a loader with worker processes
+        self._slots: WorkerSlots | None = None  # this worker's reusable batch buffers
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_plan": None}
+        return {**self.__dict__, "_plan": None, "_slots": None}
+
+    def _worker_slot(self) -> int:
+        """A reusable slot for the next batch (in a worker process of a loader that has a board), else -1."""
+        info = torch.utils.data.get_worker_info()
+        if self.board is None or info is None:
+            return -1
+        if self._slots is None:
+            self._slots = WorkerSlots(self.board, info.id)
+        return self._slots.take()
 
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan[0] != epoch:
@@ -212,7 +224,7 @@ class LayoutSetDataset(Dataset):
                 copies.append((np.arange(first, (j + 1) * set_len), j * set_len + redraws))
         dup = (np.concatenate([c[0] for c in copies]), np.concatenate([c[1] for c in copies])) if copies else None
         cell_file = np.repeat(self.groups.file[plan.group[sets]], set_len)
-        return self._assemble(pert_rows, ctrl_rows, cell_file, dup)
+        return self._assemble(pert_rows, ctrl_rows, cell_file, dup, self._worker_slot())
 
     def _read_positions(self, n: int, dup: tuple | None) -> np.ndarray:
         if dup is None:
@@ -221,11 +233,13 @@ class LayoutSetDataset(Dataset):
         keep[dup[0]] = False
         return np.flatnonzero(keep)
 
-    def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None = None) -> torch.Tensor:
-        """Rows of matrix ``key`` into one batch buffer: file reads for the distinct rows, then in-memory
-        copies for the redrawn rows of short sets."""
+    def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None, slot: int,
+              role: str) -> torch.Tensor:
+        """Rows of matrix ``key`` into one batch buffer (the slot's buffer for ``role`` when there is a
+        slot): file reads for the distinct rows, then in-memory copies for the redrawn rows of short sets."""
         width = int(self.tables[int(cell_file[0])].layout.meta["matrices"][key])
-        out = batch_tensor((len(rows), width))
+        shape = (len(rows), width)
+        out = self._slots.buffer(slot, role, shape) if slot >= 0 else batch_tensor(shape)
         view = out.numpy()
         positions = self._read_positions(len(rows), dup)
         for f in np.unique(cell_file).tolist():
@@ -248,37 +262,37 @@ class LayoutSetDataset(Dataset):
         return pert, ct, batch
 
     def _assemble(self, pert_rows: np.ndarray, ctrl_rows: np.ndarray, cell_file: np.ndarray,
-                  dup: tuple | None) -> dict[str, Any]:
+                  dup: tuple | None, slot: int) -> dict[str, Any]:
         s = self.spec
         pert, ct, batch = self._codes(pert_rows, cell_file)
-        v = self.vocab
 
         batch_dict: dict[str, Any] = {
-            "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup),
-            "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file),
-            # The vector columns (a 2,000-wide one-hot per cell for pert_emb) are filled in the process
-            # that consumes the batch (see expand_vectors): passing codes between processes is far
-            # cheaper than passing, mapping and unmapping the vectors.
-            VECTOR_CODES: (torch.from_numpy(pert), torch.from_numpy(ct), torch.from_numpy(batch)),
-            "pert_name": v["pert"].names[pert].tolist(),
-            "cell_type": v["cell_type"].names[ct].tolist(),
-            "batch_name": v["batch"].names[batch].tolist(),
-            "dataset_name": self._dataset_names(cell_file),
+            "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup, slot, "pert_cell_emb"),
+            "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file, None, slot, "ctrl_cell_emb"),
+            # The vector columns (a 2,000-wide one-hot per cell for pert_emb) and the name lists are
+            # made in the process that consumes the batch (see finish_batch): passing codes between
+            # processes is far cheaper than passing vectors or pickling thousands of strings.
+            VECTOR_CODES: (pert, ct, batch),  # numpy: pickled inline (a tensor would cost a shared segment)
+            "pert_name": pert, "cell_type": ct, "batch_name": batch, "dataset_name": cell_file,
         }
         if s.pert_counts_key:
-            batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file, dup)
+            batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file, dup, slot,
+                                                        "pert_cell_counts")
         if s.ctrl_counts_key:
-            batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file)
+            batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file, None, slot,
+                                                        "ctrl_cell_counts")
         if s.barcodes:
             batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
             batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file, None)
+        if slot >= 0:
+            batch_dict[SLOT_KEY] = slot
         return batch_dict
 
-    def _dataset_names(self, cell_file: np.ndarray) -> list[str]:
-        names = np.array([t.dataset_name for t in self.tables], dtype=object)
-        return names[cell_file].tolist()
+    def dataset_names(self) -> np.ndarray:
+        return np.array([t.dataset_name for t in self.tables], dtype=object)
 
-    def _barcodes(self, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None) -> list[str]:
+    def _barcodes(self, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None) -> np.ndarray:
+        """Barcodes as one fixed-width bytes array (decoded to ``str`` by :func:`finish_batch`)."""
         files = np.unique(cell_file).tolist()
         width = max(self.tables[f].layout.barcode_dtype().itemsize for f in files)
         out = np.zeros(len(rows), dtype=f"S{max(width, 1)}")
@@ -290,7 +304,7 @@ class LayoutSetDataset(Dataset):
             out[at] = own
         if dup is not None:
             out[dup[0]] = out[dup[1]]
-        return np.char.decode(out, "utf-8").astype(object).tolist()
+        return out
 
 
 class EpochBatchSampler(Sampler):
@@ -321,22 +335,35 @@ def _quiet_worker(_: int) -> None:
 
 
 VECTOR_CODES = "_state_vector_codes"
+SLOT_ROLES = ("pert_cell_emb", "ctrl_cell_emb", "pert_cell_counts", "ctrl_cell_counts")  # batch entries in slots
 
 
-def expand_vectors(batch: dict[str, Any], vocab: dict[str, Vocabulary], pin: bool = False) -> dict[str, Any]:
-    """Replace the codes a worker sent by cell-load's vector columns (pert_emb, cell_type_onehot, batch)."""
-    codes = batch.pop(VECTOR_CODES, None)
-    if codes is None:
-        return batch
-    pert, ct, batch_code = (c.numpy() for c in codes)
+def _decoded(barcodes: np.ndarray) -> list[str]:
+    try:
+        return barcodes.astype(str).tolist()  # ASCII, the usual case: one vectorised conversion
+    except UnicodeDecodeError:
+        return np.char.decode(barcodes, "utf-8").astype(object).tolist()
+
+
+def finish_batch(batch: dict[str, Any], dataset: LayoutSetDataset, pin: bool = False) -> dict[str, Any]:
+    """cell-load's batch from the codes a worker sent: the vector columns (pert_emb, cell_type_onehot,
+    batch), the name lists and the barcodes as ``str``, in cell-load's key order."""
+    vocab = dataset.vocab
+    pert, ct, batch_code = batch.pop(VECTOR_CODES)
     vectors = {"pert_emb": vocab["pert"].rows(pert), "cell_type_onehot": vocab["cell_type"].rows(ct),
                "batch": vocab["batch"].rows(batch_code)}
     if pin:  # the rest of the batch was pinned by the DataLoader
         vectors = {k: v.pin_memory() for k, v in vectors.items()}
+    names = {"pert_name": vocab["pert"].names, "cell_type": vocab["cell_type"].names,
+             "batch_name": vocab["batch"].names, "dataset_name": dataset.dataset_names()}
     out = {}
-    for key, value in batch.items():  # cell-load's key order
+    for key, value in batch.items():
         if key == "pert_name":
             out["pert_emb"] = vectors["pert_emb"]
+        if key in names:
+            value = names[key][value].tolist()
+        elif key.endswith("_cell_barcode"):
+            value = _decoded(value)
         out[key] = value
         if key == "cell_type":
             out["cell_type_onehot"], out["batch"] = vectors["cell_type_onehot"], vectors["batch"]
@@ -358,11 +385,24 @@ class LayoutDataLoader(DataLoader):
                          prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
+        # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
+        dataset.board = SlotBoard(num_workers) if num_workers > 0 else None
+        self.releaser = SlotReleaser(dataset.board) if num_workers > 0 else None
 
     def __iter__(self):
-        vocab, pin = self.dataset.vocab, bool(self.pin_memory)
+        pin = bool(self.pin_memory)
         for batch in super().__iter__():
-            yield expand_vectors(batch, vocab, pin)
+            slot = batch.pop(SLOT_KEY, -1)
+            out = finish_batch(batch, self.dataset, pin)
+            del batch
+            if self.releaser is not None:
+                self.releaser.release_dead()
+                if pin:  # the batch now lives in pinned copies: the worker may write its slot again
+                    self.releaser.release(slot)
+                else:
+                    self.releaser.track(slot, (v for k, v in out.items() if k in SLOT_ROLES))
+            yield out
+            del out
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else 0
