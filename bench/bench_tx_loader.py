@@ -1,7 +1,8 @@
 """Training data loading: cell-load's paths against the fast set loader, loader-only and end to end.
 
     python bench/bench_tx_loader.py [--cells 1000000] [--files 1] [--workers 0 1 2] [--batches 20]
-                                    [--fast-batches 200] [--e2e] [--write-md] [--clean]
+                                    [--fast-batches 200] [--reps 1] [--paths default consecutive ours]
+                                    [--compress gzip] [--section NAME] [--e2e] [--write-md] [--clean]
 
 Data (generated once under bench/_work/loader_<cells>/, see loader_data.py): random-order files for
 cell-load's default path and ours, a copy sorted by (cell type, perturbation) for cell-load's
@@ -11,7 +12,12 @@ reported). Loader-only: each (path, workers) runs in a fresh process that builds
 off: STATE_OBSM_CACHE_MB=0, as in arc-state), takes 3 warm-up batches, then times a fixed number of
 batches. cells/s counts perturbed cells; every one comes with its control row, so rows/s is twice
 that. Each file is read once before its path is measured (page-cached, as the targets assume). Peak
-RSS: the measuring process (ru_maxrss) and its largest DataLoader worker (RUSAGE_CHILDREN).
+RSS: the measuring process (ru_maxrss) and its largest DataLoader worker (RUSAGE_CHILDREN). With
+``--reps N`` every (path, workers) is measured N times, interleaved, and the median is reported with
+the range. Files larger than about half the machine's memory cannot stay page-cached: they are not
+warmed, and the rates then include disk reads (said in the output). ``--compress gzip`` writes the
+generated source compressed (see loader_data.py), for sizes whose raw copy and layout would not both
+fit on the disk.
 End to end (--e2e): ``state tx train model=state_sm`` steps/s on the big file with cell-load's path
 and ours, and on a 50k-cell file served by our in-memory obsm cache; start-up is excluded by running
 two step counts and dividing the extra steps by the extra time.
@@ -28,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OURS, WORK, bench_env, machine_line, run_cmd, write_section  # noqa: E402
 from loader_data import write_dataset, write_toml  # noqa: E402
@@ -38,6 +46,7 @@ DATA_KW = {"embed_key": "X_hvg", "output_space": "gene", "control_pert": "non-ta
 PATHS = {"cell-load default (cache off)": ("false", False, "random"),
          "cell-load consecutive (sorted copy)": ("false", True, "grouped"),
          "ours (layout)": ("true", False, "random")}
+PATH_FLAGS = dict(zip(("default", "consecutive", "ours"), PATHS))  # --paths value -> table label
 
 
 def measure(args) -> None:
@@ -82,30 +91,49 @@ def proportional_mib(pid: int) -> float:
     return float("nan")
 
 
-def warm(files: list[Path]) -> None:
-    """Read the files once so that the measurement sees them page-cached."""
+def memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def warm(files: list[Path]) -> bool:
+    """Read the files once so that the measurement sees them page-cached; False when they cannot fit."""
+    if sum(f.stat().st_size for f in files) > memory_bytes() // 2:
+        return False
     for f in files:
         subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
+    return True
+
+
+def measure_once(toml: Path, workers: int, batches: int, fast: str, consecutive: bool) -> dict:
+    cmd = [sys.executable, __file__, "--measure", "--toml", str(toml), "--workers", str(workers),
+           "--batches", str(batches), "--fast", fast] + (["--consecutive"] if consecutive else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(1), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def loader_rows(tomls: dict[str, Path], folders: dict[str, Path], layout: Path, workers: list[int],
-                batches: int, fast_batches: int) -> list[dict]:
+                batches: int, fast_batches: int, paths: list[str], reps: int) -> list[dict]:
     rows = []
-    for label, (fast, consecutive, order) in PATHS.items():
-        if fast == "true":
-            warm(sorted(layout.glob("*.state_layout/*")))
-        else:
-            warm(sorted(folders[order].glob("*.h5ad")))
+    for label in (PATH_FLAGS[p] for p in paths):
+        fast, consecutive, order = PATHS[label]
+        files = sorted(layout.glob("*.state_layout/*")) if fast == "true" else sorted(folders[order].glob("*.h5ad"))
+        cached = warm(files)
+        n = fast_batches if fast == "true" else batches
+        runs: dict[int, list[dict]] = {w: [] for w in workers}
+        for _ in range(reps):  # interleaved, so a burst of other load touches every worker count alike
+            for w in workers:
+                runs[w].append(measure_once(tomls[order], w, n, fast, consecutive))
+                print(label, w, runs[w][-1], flush=True)
         for w in workers:
-            n = fast_batches if fast == "true" else batches
-            cmd = [sys.executable, __file__, "--measure", "--toml", str(tomls[order]), "--workers", str(w),
-                   "--batches", str(n), "--fast", fast] + (["--consecutive"] if consecutive else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(1), check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr[-3000:])
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append({"path": label, "workers": w, "batches": n, **result})
-            print(rows[-1], flush=True)
+            rates = sorted(r["cells_per_s"] for r in runs[w])
+            peak = {k: max(r[k] for r in runs[w]) for k in ("main_rss_mib", "worker_rss_mib", "total_pss_mib")}
+            rows.append({"path": label, "workers": w, "batches": n, "page_cached": cached,
+                         "cells_per_s": float(np.median(rates)), "rates": rates, **peak})
     return rows
 
 
@@ -144,17 +172,26 @@ def index_layout(toml: Path) -> tuple[float, float]:
 
 def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]) -> str:
     flags = " --e2e-only" if args.e2e_only else (" --e2e" if args.e2e else "")
+    flags += f" --reps {args.reps}" if args.reps > 1 else ""
+    flags += f" --paths {' '.join(args.paths)}" if args.paths != list(PATH_FLAGS) else ""
+    flags += f" --compress {args.compress}" if args.compress else ""
+    flags += f" --section {args.section}" if args.section != "bench_tx_loader" else ""
     lines = [f"Command: `python bench/bench_tx_loader.py --cells {args.cells} --files {args.files} --workers "
              f"{' '.join(map(str, args.workers))} --batches {args.batches} --fast-batches {args.fast_batches}"
              f"{flags} --write-md`", "",
              f"Data: {args.cells:,} cells x 2,000 float32 X_hvg in {args.files} file(s), batch {BATCH} sets x "
              f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", ""]
     if rows:
-        lines += ["| path | workers | batches timed | cells/s | main peak RSS (MiB) | largest worker peak RSS (MiB) "
-                  "| main + workers PSS (MiB) |", "|---|---|---|---|---|---|---|"]
+        reps = len(rows[0]["rates"])
+        lines += [f"| path | workers | batches timed | cells/s (median of {reps}) | range | main peak RSS (MiB) "
+                  "| largest worker peak RSS (MiB) | main + workers PSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['workers']} | {r['batches']} | {r['cells_per_s']:,.0f} | "
-                     f"{r['main_rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r.get('total_pss_mib', 0):.0f} |")
+        spread = f"{r['rates'][0]:,.0f}-{r['rates'][-1]:,.0f}" if len(r["rates"]) > 1 else "-"
+        lines.append(f"| {r['path']} | {r['workers']} | {r['batches']} | {r['cells_per_s']:,.0f} | {spread} | "
+                     f"{r['main_rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r['total_pss_mib']:.0f} |")
+    if any(not r["page_cached"] for r in rows):
+        lines += ["", "Files larger than half the machine's memory were not page-cached: those rates include disk "
+                  "reads."]
     if e2e:
         lines += ["", "| end to end, `tx train model=state_sm`, 0 workers | steps/s |", "|---|---|"]
         lines += [f"| {r['run']} | {r['steps_per_s']:.3f} |" for r in e2e]
@@ -169,6 +206,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--fast-batches", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=1, help="measurements per (path, workers); median reported")
+    parser.add_argument("--paths", nargs="+", choices=list(PATH_FLAGS), default=list(PATH_FLAGS))
+    parser.add_argument("--compress", choices=["gzip", "lzf"], help="write the generated source compressed")
+    parser.add_argument("--section", default="bench_tx_loader", help="BENCHMARKS.md section to (re)write")
     parser.add_argument("--e2e", action="store_true", help="also time `tx train model=state_sm` end to end")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end timing")
     parser.add_argument("--e2e-steps", type=int, nargs=2, default=[2, 8])
@@ -182,12 +223,14 @@ def main() -> None:
     if args.measure:
         return measure(args)
     root = WORK / f"loader_{args.cells}"
-    folders = {order: write_dataset(root / order, args.cells, n_files=args.files, order=order)
-               for order in ("random", "grouped")}
+    orders = ["random"] + (["grouped"] if "consecutive" in args.paths else [])
+    folders = {order: write_dataset(root / order, args.cells, n_files=args.files, order=order, compress=args.compress)
+               for order in orders}
     tomls = {order: write_toml(root / f"{order}.toml", folder) for order, folder in folders.items()}
     index = index_layout(tomls["random"])
     layout = root / "random"
-    rows = [] if args.e2e_only else loader_rows(tomls, folders, layout, args.workers, args.batches, args.fast_batches)
+    rows = [] if args.e2e_only else loader_rows(tomls, folders, layout, args.workers, args.batches, args.fast_batches,
+                                                args.paths, args.reps)
     e2e = []
     if args.e2e or args.e2e_only:
         small = write_dataset(WORK / "loader_50000" / "random", 50_000)
@@ -196,7 +239,8 @@ def main() -> None:
     body = markdown(args, index, rows, e2e)
     print(body)
     if args.write_md and rows:
-        write_section("bench_tx_loader", "## Training data loader (`bench/bench_tx_loader.py`)\n\n" + body)
+        title = "## Training data loader" if args.section == "bench_tx_loader" else f"### {args.cells:,} cells"
+        write_section(args.section, f"{title} (`bench/bench_tx_loader.py`)\n\n" + body)
     elif args.write_md:
         write_section("bench_tx_loader_e2e", "### Training data loader, end to end\n\n" + body)
     if args.clean:
