@@ -156,11 +156,11 @@ def training_seed(dm: Any) -> int:
 
 def train_loader(dm: Any, choice: FastLoaderChoice) -> Any | None:
     """The fast training DataLoader of a set-up data module, or None (cell-load's then serves)."""
-    from state.tx.data import loader
+    from state.tx.data import loader, split_tables
 
     if getattr(dm, "_state_fast_groups", None) is None:
         try:
-            dm._state_fast_groups = loader.groups_from_data_module(dm, choice.layout_dir)
+            dm._state_fast_groups = split_tables.groups_from_data_module(dm, choice.layout_dir)
         except LookupError as exc:
             if choice.required:
                 raise StateError(f"data.kwargs.fast_loader=true but {exc}", hint="data.kwargs.fast_loader=auto") from exc
