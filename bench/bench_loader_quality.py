@@ -62,6 +62,7 @@ def quality_rows(root: Path, seeds: list[int], models: list[str], steps: int) ->
                                       quality.MODELS[model] + path_overrides(path, layout_dir), steps)
                 rows.append({**row, "model": model, "loader": path, "wall_s": time.perf_counter() - started,
                              "load": max(load, os.getloadavg()[0])})
+                record(root, rows[-1])
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -89,6 +90,7 @@ def demo_rows(root: Path, seeds: list[int]) -> list[dict]:
                       for m in quality.METRICS if m in per_pert},
                    "wall_s": time.perf_counter() - started, "load": max(load, os.getloadavg()[0])}
             rows.append(row)
+            record(root, row)
             print(json.dumps(row), flush=True)
     return rows
 
@@ -120,14 +122,15 @@ def differences(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, index=index)
 
 
-def render(table: pd.DataFrame, command: str) -> str:
+def render(table: pd.DataFrame) -> str:
     per_seed = table.pivot_table(index=["task", "model", "loader"], columns="seed",
                                  values=["truth_corr_model", "discrimination_score_l1"]
                                  if "truth_corr_model" in table else ["discrimination_score_l1"])
     per_seed.columns = [f"{'truth r' if m == 'truth_corr_model' else 'PDS l1'}, seed {s}" for m, s in per_seed.columns]
     return "\n".join([
         "## Quality parity of the fast set loader (`bench/bench_loader_quality.py`)", "",
-        f"Command: `{command}` (2 CPU threads per run; 1-minute load average during the runs "
+        "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(table["command"])) + " (2 CPU threads per run; "
+        f"1-minute load average during the runs "
         f"{table['load'].min():.1f}-{table['load'].max():.1f} on this shared 2-core machine). Each row trains the "
         "same model with `data.kwargs.fast_loader=false` (cell-load's sampler) and `=true` (the layout written by "
         "`state tx index`), same seeds, then `state tx predict` (cell-eval). Few-shot task: "
@@ -140,26 +143,40 @@ def render(table: pd.DataFrame, command: str) -> str:
         quality.markdown(differences(table)), "", "Per seed:", "", quality.markdown(per_seed), ""])
 
 
+def record(root: Path, row: dict) -> None:
+    """Append one finished row to results.jsonl at once, so an interrupted run keeps what it measured."""
+    command = " ".join(["python bench/bench_loader_quality.py", *sys.argv[1:]])
+    with open(root / "results.jsonl", "a") as sink:
+        sink.write(json.dumps({**row, "command": command}) + "\n")
+
+
+def recorded(root: Path) -> pd.DataFrame:
+    """Every row of results.jsonl, the latest one per (task, model, loader, seed)."""
+    rows = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows).drop_duplicates(["task", "model", "loader", "seed"], keep="last")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=["state_plus"], choices=["state_plus", "state"])
+    parser.add_argument("--models", nargs="*", default=["state_plus"], choices=["state_plus", "state"])
     parser.add_argument("--steps", type=int, default=300, help="training steps of the few-shot runs")
     parser.add_argument("--no-demo", action="store_true", help="skip the README demo runs")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="no runs: write the table from every row in bench/_work/loader_quality/results.jsonl")
     args = parser.parse_args()
     root = WORK / "loader_quality"
-    rows = quality_rows(root, args.seeds, args.models, args.steps) if args.models else []
-    rows += [] if args.no_demo else demo_rows(root, args.seeds)
-    table = pd.DataFrame(rows)
-    with open(root / "results.jsonl", "a") as sink:
-        for row in rows:
-            sink.write(json.dumps(row) + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    if not args.render_only and args.models:
+        quality_rows(root, args.seeds, args.models, args.steps)
+    if not args.render_only and not args.no_demo:
+        demo_rows(root, args.seeds)
+    table = recorded(root)
     print(summary(table).to_string())
     print(differences(table).to_string())
     if not args.no_write:
-        write_section("bench_loader_quality", render(table, "python bench/bench_loader_quality.py "
-                                                    + " ".join(sys.argv[1:])))
+        write_section("bench_loader_quality", render(table))
 
 
 if __name__ == "__main__":
