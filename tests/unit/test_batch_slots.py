@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from test_fast_loader import _data_module, synth  # noqa: F401 - fixture
 
 from state.tx.data.batch_slots import ReusableBuffers
-from state.tx.data.loader import Vocabulary
-from test_fast_loader import _data_module, synth  # noqa: F401 - fixture
+from state.tx.data.split_tables import Vocabulary
 
 
 def _clone(batch: dict) -> dict:

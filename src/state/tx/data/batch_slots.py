@@ -32,6 +32,15 @@ MAX_SLOTS = 12  # per worker; the DataLoader keeps prefetch_factor batches in fl
 SLOT_KEY = "_state_batch_slot"  # batch entry: index of the slot the batch was written to, -1 for none
 
 
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh float32 batch buffer (no slot free); in a DataLoader worker it lives in shared memory from
+    the start, so handing the batch to the main process copies nothing (PyTorch would copy it there)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
 class SlotBoard:
     """One shared byte per (worker, slot): 1 while the slot holds a batch the trainer may still use."""
 
