@@ -150,6 +150,10 @@ class LayoutSetDataset(Dataset):
         if s.ctrl_counts_key:
             batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file, None, slot,
                                                         "ctrl_cell_counts")
+        if slot >= 0:  # buffers the trainer already has go as handles
+            for role in SLOT_ROLES:
+                if role in batch_dict:
+                    batch_dict[role] = self._slots.outgoing(slot, role, batch_dict[role])
         if s.barcodes:
             batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
             batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file, None)
@@ -255,13 +259,15 @@ class LayoutDataLoader(DataLoader):
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
         # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
-        dataset.board = SlotBoard(num_workers) if num_workers > 0 else None
+        dataset.board = SlotBoard(num_workers, by_handle=not pin_memory) if num_workers > 0 else None
         self.releaser = SlotReleaser(dataset.board) if num_workers > 0 else None
 
     def __iter__(self):
         pin = bool(self.pin_memory)
         for batch in super().__iter__():
             slot = batch.pop(SLOT_KEY, -1)
+            if self.releaser is not None and not pin:
+                self.releaser.receive(slot, batch, SLOT_ROLES)
             out = finish_batch(batch, self.dataset, pin)
             del batch
             if self.releaser is not None:
@@ -269,7 +275,7 @@ class LayoutDataLoader(DataLoader):
                 if pin:  # the batch now lives in pinned copies: the worker may write its slot again
                     self.releaser.release(slot)
                 else:
-                    self.releaser.track(slot, (v for k, v in out.items() if k in SLOT_ROLES))
+                    self.releaser.track(slot, [k for k in SLOT_ROLES if k in out])
             yield out
             del out
 
