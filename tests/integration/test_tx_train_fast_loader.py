@@ -38,11 +38,12 @@ def _args(synth, out, name: str, mode: str, steps: int) -> list[str]:
             f"name={name}", f"training.max_steps={steps}", "training.val_freq=3", "training.batch_size=2", *TINY]
 
 
-def test_auto_without_layout_trains_on_cell_load_and_says_how_to_index(synth, tmp_path, caplog):
+def test_auto_without_layout_trains_on_cell_load_and_says_how_to_index(synth, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("STATE_OBSM_CACHE_MB", "0.001")  # the file is past the cache: the layout would gain
     with caplog.at_level(logging.INFO):
         train(compose_tx_config(_args(synth, tmp_path, "slow", "auto", 2)))
     hints = [r.getMessage() for r in caplog.records if "state tx index --toml" in r.getMessage()]
-    assert len(hints) == 1 and "training loader: cell-load" in hints[0]
+    assert len(hints) == 1 and "training loader: cell-load" in hints[0] and "past the in-memory" in hints[0]
 
 
 def test_fast_path_trains_writes_arc_files_and_resumes_mid_epoch(synth, tmp_path, monkeypatch):

@@ -13,10 +13,10 @@ import torch
 
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.tx.data import layout as layouts
-from state.tx.data.loader import groups_from_data_module
 from state.tx.data.module import build_data_module, setup_data_module
 from state.tx.data.sampler import Groups, epoch_plan, part_sizes, set_rows
 from state.tx.data.selection import FastLoaderChoice
+from state.tx.data.split_tables import groups_from_data_module
 from state.utils.errors import StateError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,7 +266,7 @@ def test_part_sizes_sum_to_the_set_length():
 
 
 def test_vocabulary_rows_equal_the_map_for_wide_one_hot_and_dense_maps():
-    from state.tx.data.loader import Vocabulary
+    from state.tx.data.split_tables import Vocabulary
 
     names = [f"p{i}" for i in range(100)]
     one_hot = {n: torch.eye(100)[i] for i, n in enumerate(names)}

@@ -121,7 +121,34 @@ def _add_preprocess_train(sub) -> None:
                    help="number of highly variable genes (written to obsm['X_hvg'])")
     _bool_flag(p, "--input-is-log1p", "--input_is_log1p",
                help="X is already normalized and log1p-transformed: only select HVGs")
+    # Not in arc-state: the fast training layout of the output, in the same run (see `state tx index`).
+    _bool_flag(p, "--write-layout", "--write_layout",
+               help="also write the output's fast training layout (<output>.state_layout/, what `state tx index` "
+               "writes) from the matrices in memory; the options below apply to it")
+    p.add_argument("--layout-keys", "--layout_keys", dest="layout_keys", default=None,
+                   help="comma-separated obsm matrices to copy (default X_hvg; add the embed_key you train on)")
+    p.add_argument("--layout-seed", "--layout_seed", dest="layout_seed", type=int, default=None,
+                   help="seed of the shuffle within each group (default 0)")
+    _add_layout_columns(p, defaults=False)
     p.set_defaults(handler="state.cli.tx_handlers:preprocess_train")
+
+
+LAYOUT_COLUMNS = {"pert_col": "gene", "cell_type_key": "cell_type", "batch_col": "gem_group"}
+
+
+def _add_layout_columns(p, *, defaults: bool) -> None:
+    """The layout's sort columns and folder, shared by `index` and `preprocess_train --write-layout`
+    (which leaves them None when not given, so that it can refuse them without --write-layout)."""
+    p.add_argument("--layout-dir", "--layout_dir", dest="layout_dir", default=None,
+                   help="folder for the layouts (default: beside each file, <file>.state_layout); "
+                   "training then needs data.kwargs.fast_loader_dir=<same folder>")
+    for flag, name, what in (("pert-col", "pert_col", "perturbation"), ("cell-type-key", "cell_type_key", "cell type"),
+                             ("batch-col", "batch_col", "batch")):
+        default = f" (default {LAYOUT_COLUMNS[name]})" if not defaults else ""  # argparse shows set defaults
+        p.add_argument(f"--{flag}", f"--{name}", dest=name, default=LAYOUT_COLUMNS[name] if defaults else None,
+                       help=f"obs {what} column{default}: the training config's {name}")
+    _bool_flag(p, "--by-batch", "--by_batch",
+               help="sort by (cell type, perturbation, batch): contiguous groups for basal_mapping_strategy=batch")
 
 
 def _add_preprocess_infer(sub) -> None:
@@ -155,16 +182,8 @@ def _add_index(sub) -> None:
     # Not in arc-state: the group-sorted training layout the fast set loader reads.
     p = sub.add_parser("index", help="write the fast training layout of every dataset a split TOML names")
     p.add_argument("--toml", required=True, help="split TOML; the layout of each of its h5/h5ad files is written")
-    p.add_argument("--layout-dir", "--layout_dir", dest="layout_dir", default=None,
-                   help="folder for the layouts (default: beside each file, <file>.state_layout); "
-                   "training then needs data.kwargs.fast_loader_dir=<same folder>")
     p.add_argument("--keys", default="X_hvg",
                    help="comma-separated obsm matrices to copy: the embed_key, plus X_hvg when it is the target")
-    p.add_argument("--pert-col", "--pert_col", dest="pert_col", default="gene", help="obs perturbation column")
-    p.add_argument("--cell-type-key", "--cell_type_key", dest="cell_type_key", default="cell_type",
-                   help="obs cell type column")
-    p.add_argument("--batch-col", "--batch_col", dest="batch_col", default="gem_group", help="obs batch column")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each group")
-    _bool_flag(p, "--by-batch", "--by_batch",
-               help="sort by (cell type, perturbation, batch): contiguous groups for basal_mapping_strategy=batch")
+    _add_layout_columns(p, defaults=True)
     p.set_defaults(handler="state.cli.tx_handlers:index")

@@ -95,10 +95,31 @@ def infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout_options(args: argparse.Namespace):
+    """``preprocess_train``'s layout flags as LayoutOptions (None without --write-layout)."""
+    from state.tx.data.layout import LayoutOptions
+    from state.utils.errors import StateError
+
+    columns = ("pert_col", "cell_type_key", "batch_col", "layout_dir")
+    given = [name for name in ("layout_keys", "layout_seed", *columns) if getattr(args, name) is not None]
+    given += ["by_batch"] if args.by_batch else []
+    if not args.write_layout:
+        if given:
+            raise StateError(f"--{given[0].replace('_', '-')} only applies to the training layout",
+                             hint="add --write-layout, or leave the layout options out")
+        return None
+    defaults = LayoutOptions()
+    keys = tuple(k.strip() for k in (args.layout_keys or "").split(",") if k.strip()) or defaults.keys
+    seed = defaults.seed if args.layout_seed is None else args.layout_seed
+    chosen = {name: getattr(args, name) or getattr(defaults, name) for name in columns}
+    return LayoutOptions(keys=keys, seed=seed, by_batch=args.by_batch, **chosen)
+
+
 def preprocess_train(args: argparse.Namespace) -> int:
     from state.tx.preprocess import preprocess_train as run
 
-    out = run(args.adata, args.output, num_hvgs=args.num_hvgs, input_is_log1p=args.input_is_log1p)
+    layout = _layout_options(args)
+    out = run(args.adata, args.output, num_hvgs=args.num_hvgs, input_is_log1p=args.input_is_log1p, layout=layout)
     log.info("wrote %s", out)
     return 0
 

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from state.io import anndata_checks as checks
 from state.io.atomic import atomic_write_h5ad
 from state.io.hvg_names import HVG_NAMES_KEY, as_names_array
+from state.tx.data.layout import LayoutOptions
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -211,14 +212,40 @@ def normalize_log1p_hvg(adata, *, num_hvgs: int, input_is_log1p: bool = False, p
     log.info("selected %d highly variable genes (asked for %d)", int(table["highly_variable"].sum()), num_hvgs)
 
 
+def _check_layout_inputs(adata, layout: LayoutOptions, *, path) -> None:
+    """Everything ``--write-layout`` needs is there (checked before anything is written)."""
+    checks.require_obs_columns(adata, [layout.pert_col, layout.cell_type_key, layout.batch_col], path=path,
+                               hint="pass the layout's columns as --pert-col / --cell-type-key / --batch-col")
+    for key in layout.keys:
+        if key == "X_hvg":
+            continue  # written by this command
+        matrix = adata.obsm.get(key)
+        if not isinstance(matrix, np.ndarray) or matrix.ndim != 2:
+            raise StateError(f"obsm['{key}'] of {path} is missing or not a dense 2-D matrix",
+                             hint="--layout-keys copies dense obsm matrices: X_hvg, or the embed_key you train on")
+
+
 def preprocess_train(
-    input_path: str | os.PathLike, output_path: str | os.PathLike, *, num_hvgs: int, input_is_log1p: bool = False
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    num_hvgs: int,
+    input_is_log1p: bool = False,
+    layout: LayoutOptions | None = None,
 ) -> Path:
-    """Read raw counts, normalize + log1p + HVGs (see :func:`normalize_log1p_hvg`), write atomically."""
+    """Read raw counts, normalize + log1p + HVGs (see :func:`normalize_log1p_hvg`), write atomically.
+
+    With ``layout``, also write the output's training layout (what ``state tx index`` writes for it)
+    from the matrices in memory, so the rows are not read back from the new file.
+    """
     out = checks.check_output_path(input_path, output_path)
     adata = checks.read_h5ad_checked(input_path)
+    if layout is not None:
+        _check_layout_inputs(adata, layout, path=input_path)
     normalize_log1p_hvg(adata, num_hvgs=num_hvgs, input_is_log1p=input_is_log1p, path=input_path)
     atomic_write_h5ad(adata, out)
+    if layout is not None:
+        layout.write(out, matrices={key: adata.obsm[key] for key in layout.keys})
     return out
 
 

@@ -11,7 +11,8 @@ slot only when nothing uses the batch it held any more: it keeps one handle on e
 storages and waits until that handle is the storage's only user (tensors, views and numpy arrays of
 it all count). A consumer that keeps a batch, or a slice of one, keeps its slot, and the worker takes
 another one (or, past ``MAX_SLOTS``, fresh shared memory as before). Keeping the handle also keeps
-the mapping, so the next batch in that slot arrives without mapping 32 MB again. Slots a consumer
+the mapping, so a worker sends a slot's buffers once and afterwards only their shapes
+(:class:`SlotTensor`): no file descriptor crosses per batch and nothing is mapped again. Slots a consumer
 never saw (batches dropped in flight when an iteration is abandoned) stay taken; that costs memory up
 to ``MAX_SLOTS`` per worker, never wrong data.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,11 +33,32 @@ MAX_SLOTS = 12  # per worker; the DataLoader keeps prefetch_factor batches in fl
 SLOT_KEY = "_state_batch_slot"  # batch entry: index of the slot the batch was written to, -1 for none
 
 
-class SlotBoard:
-    """One shared byte per (worker, slot): 1 while the slot holds a batch the trainer may still use."""
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh float32 batch buffer (no slot free); in a DataLoader worker it lives in shared memory from
+    the start, so handing the batch to the main process copies nothing (PyTorch would copy it there)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
-    def __init__(self, workers: int) -> None:
+
+class SlotBoard:
+    """One shared byte per (worker, slot): 1 while the slot holds a batch the trainer may still use.
+
+    ``by_handle``: the trainer keeps each slot's buffers mapped, so a worker may send a buffer it sent
+    before as a :class:`SlotTensor`. Off when the DataLoader pins batches (its pinning thread needs
+    the tensors themselves).
+    """
+
+    def __init__(self, workers: int, *, by_handle: bool = True) -> None:
         self.flags = multiprocessing.RawArray("b", max(int(workers), 1) * MAX_SLOTS)
+        self.by_handle = by_handle
+
+
+class SlotTensor(NamedTuple):
+    """A batch matrix in a slot buffer the training process already has: only its shape is sent."""
+
+    shape: tuple[int, ...]
 
 
 class WorkerSlots:
@@ -45,6 +67,7 @@ class WorkerSlots:
     def __init__(self, board: SlotBoard, worker: int) -> None:
         self.board, self.first = board, int(worker) * MAX_SLOTS
         self.storages: list[dict[str, torch.UntypedStorage]] = []
+        self.sent: dict[tuple[int, str], torch.UntypedStorage] = {}  # buffers the trainer has been sent
 
     def take(self) -> int:
         """A free slot (its board index), marked taken; -1 when all ``MAX_SLOTS`` are taken."""
@@ -68,6 +91,14 @@ class WorkerSlots:
             storage = own[role] = torch.UntypedStorage._new_shared(nbytes)
         return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
+    def outgoing(self, slot: int, role: str, tensor: torch.Tensor) -> torch.Tensor | SlotTensor:
+        """What to put in the batch for ``tensor`` (a slot buffer): a handle once the trainer has it."""
+        storage = self.storages[slot - self.first][role]
+        if self.board.by_handle and self.sent.get((slot, role)) is storage:
+            return SlotTensor(tuple(tensor.shape))
+        self.sent[(slot, role)] = storage
+        return tensor
+
 
 def storage_users(storage: torch.UntypedStorage) -> int | None:
     """How many tensors and storage handles share ``storage``; None where this torch cannot tell."""
@@ -80,18 +111,27 @@ class SlotReleaser:
 
     def __init__(self, board: SlotBoard) -> None:
         self.board = board
-        self.held: dict[int, list[torch.UntypedStorage]] = {}  # slot -> one handle per storage of it
-        self.pending: list[int] = []  # slots handed out and not yet released
+        self.mapped: dict[tuple[int, str], torch.UntypedStorage] = {}  # (slot, role) -> its one handle here
+        self.pending: list[tuple[int, list[torch.UntypedStorage]]] = []  # slots handed out, not yet released
 
-    def track(self, slot: int, tensors: Iterable[torch.Tensor]) -> None:
-        """``tensors`` of a batch that arrived in ``slot`` (-1: no slot) were handed to the consumer."""
+    def receive(self, slot: int, batch: dict[str, Any], roles: tuple[str, ...]) -> None:
+        """Turn the :class:`SlotTensor` entries of a batch that arrived in ``slot`` back into tensors on
+        the buffers this process keeps, and keep the buffers that arrived as tensors."""
         if slot < 0:
             return
-        storages = [t.untyped_storage() for t in tensors]
+        for role in roles:
+            value = batch.get(role)
+            if isinstance(value, SlotTensor):
+                batch[role] = torch.empty(0, dtype=torch.float32).set_(self.mapped[(slot, role)], 0, value.shape)
+            elif value is not None:
+                self.mapped[(slot, role)] = value.untyped_storage()
+
+    def track(self, slot: int, roles: list[str]) -> None:
+        """The batch of ``slot`` (its ``roles`` buffers) was handed to the consumer."""
+        storages = [self.mapped[(slot, role)] for role in roles] if slot >= 0 else []
         if not storages or storage_users(storages[0]) is None:
             return  # cannot tell when the batch is gone: the slot stays taken (the worker takes others)
-        self.held[slot] = storages
-        self.pending.append(slot)
+        self.pending.append((slot, storages))
 
     def release(self, slot: int) -> None:
         """Free ``slot`` now (its batch was copied, e.g. into pinned memory)."""
@@ -100,11 +140,11 @@ class SlotReleaser:
 
     def release_dead(self) -> None:
         busy = []
-        for slot in self.pending:
-            if all(storage_users(s) == 1 for s in self.held[slot]):
+        for slot, storages in self.pending:
+            if all(storage_users(s) == 1 for s in storages):  # only this object's handle is left
                 self.board.flags[slot] = 0
             else:
-                busy.append(slot)
+                busy.append((slot, storages))
         self.pending = busy
 
 

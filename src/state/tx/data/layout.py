@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +135,41 @@ def _scatter_matrix(node: h5py.Dataset, target: Path, inverse: np.ndarray) -> No
         del out
 
 
+@dataclass(frozen=True)
+class LayoutOptions:
+    """What a layout copies and sorts by: ``state tx index``'s flags (``preprocess_train --write-layout``'s too)."""
+
+    keys: tuple[str, ...] = ("X_hvg",)
+    pert_col: str = "gene"
+    cell_type_key: str = "cell_type"
+    batch_col: str = "gem_group"
+    seed: int = 0
+    by_batch: bool = False
+    layout_dir: str | None = None
+
+    def write(self, source: str | os.PathLike, matrices: Mapping[str, np.ndarray] | None = None) -> Path:
+        return write_layout(source, keys=list(self.keys), pert_col=self.pert_col, cell_type_key=self.cell_type_key,
+                            batch_col=self.batch_col, seed=self.seed, layout_dir=self.layout_dir,
+                            by_batch=self.by_batch, matrices=matrices)
+
+
+def _gather_matrix(matrix: np.ndarray, target: Path, order: np.ndarray) -> None:
+    """Write in-memory ``matrix`` to ``target`` in layout order (row ``order[j]`` at row j), sequentially."""
+    step = max(1, CHUNK_BYTES // max(1, matrix.shape[1] * 4))
+    with target.open("wb") as fh:
+        for first in range(0, len(order), step):
+            fh.write(np.ascontiguousarray(matrix[order[first:first + step]], dtype=np.float32).tobytes())
+
+
 def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, cell_type_key: str,
                  batch_col: str, seed: int = 0, layout_dir: str | os.PathLike | None = None,
-                 by_batch: bool = False) -> Path:
-    """Write (or rewrite) the layout of one h5/h5ad file; atomic: a finished folder or none."""
+                 by_batch: bool = False, matrices: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write (or rewrite) the layout of one h5/h5ad file; atomic: a finished folder or none.
+
+    ``matrices`` may hold in-memory copies of obsm matrices (rows in file order, as written to
+    ``source``): ``preprocess_train`` passes the HVG matrix it just wrote, so the rows are not read
+    back. obs columns and names are always read from ``source``, so the result is the same files.
+    """
     source = Path(source).resolve()
     target = layout_path(source, layout_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -155,10 +187,13 @@ def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, c
             inverse[order] = np.arange(len(order), dtype=np.int64)
             widths = {}
             for key in keys:
-                node = _dense_matrix(handle, key)
+                node = matrices[key] if matrices and key in matrices else _dense_matrix(handle, key)
                 if node.shape[0] != len(order):
                     raise StateError(f"obsm['{key}'] of {source} has {node.shape[0]} rows, obs has {len(order)}")
-                _scatter_matrix(node, tmp / f"{key}.f32", inverse)
+                if isinstance(node, h5py.Dataset):
+                    _scatter_matrix(node, tmp / f"{key}.f32", inverse)
+                else:
+                    _gather_matrix(node, tmp / f"{key}.f32", order)
                 widths[key] = int(node.shape[1])
             np.save(tmp / "barcodes.npy", read_barcodes(handle, len(order))[order])
         np.save(tmp / "order.npy", order)

@@ -2,7 +2,7 @@
 
 cell-load still decides everything about the split (which cells train, which controls each cell may
 be paired with): after ``setup()`` its training subsets and its mapping strategy's control pools are
-read out and translated to layout rows (:func:`groups_from_data_module`). Batches are then built by
+read out and translated to layout rows (:mod:`state.tx.data.split_tables`). Batches are then built by
 worker processes as arrays: the rows of each set are read run by run from the layout file straight
 into a shared-memory buffer the worker reuses once the trainer is done with it (batch_slots.py); names,
 barcodes and the one-hot columns travel as codes and byte arrays and are expanded in the consuming
@@ -15,149 +15,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from state.tx.data import layout as layouts
-from state.tx.data.batch_slots import SLOT_KEY, ReusableBuffers, SlotBoard, SlotReleaser, WorkerSlots
+from state.tx.data.batch_slots import SLOT_KEY, SlotBoard, SlotReleaser, WorkerSlots, batch_tensor
 from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
+from state.tx.data.split_tables import FileTables, Vocabulary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Vocabulary:
-    """One of cell-load's maps (name -> vector) as arrays; the last row is for names the map lacks."""
-
-    names: np.ndarray  # object array of str, index -> name
-    table: torch.Tensor  # index -> vector
-    hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
-    buffers: ReusableBuffers = field(default_factory=ReusableBuffers)  # for the wide one-hot batches
-
-    @classmethod
-    def from_map(cls, mapping: Any) -> Vocabulary:
-        names = [str(k) for k in mapping]
-        rows = [torch.as_tensor(mapping[k]).reshape(-1).float() for k in mapping]
-        width = rows[0].numel() if rows else 0
-        table = torch.stack([*rows, torch.zeros(width)])
-        hot = one_hot_columns(table[:-1]) if width > 64 else None
-        return cls(np.array([*names, ""], dtype=object), table, hot)
-
-    def index_of(self, categories: Any) -> np.ndarray:
-        """File category code -> row of this vocabulary."""
-        where = {n: i for i, n in enumerate(self.names[:-1].tolist())}
-        return np.array([where.get(str(c), len(self.names) - 1) for c in categories], dtype=np.int64)
-
-    def rows(self, index: np.ndarray) -> torch.Tensor:
-        if self.hot is None:
-            return torch.index_select(self.table, 0, torch.from_numpy(index))
-        # A wide one-hot batch is as large as the expression rows: reuse a buffer the consumer is done
-        # with and clear only the ones set in it last time, unless someone changed it in place since.
-        entry, reused = self.buffers.take((len(index), self.table.shape[1]))
-        out = entry[0]
-        if reused and entry[1][2] == out._version:
-            out[entry[1][0], entry[1][1]] = 0.0
-        else:
-            out.zero_()
-        keep = torch.from_numpy(np.flatnonzero(index < len(self.hot)))
-        cols = self.hot[torch.from_numpy(index)[keep]]
-        out[keep, cols] = 1.0
-        entry[1] = (keep, cols, out._version)
-        return out
-
-
-@dataclass
-class FileTables:
-    """Per training file: its layout and its category codes as rows of the shared vocabularies."""
-
-    layout: layouts.Layout
-    pert: np.ndarray
-    cell_type: np.ndarray
-    batch: np.ndarray
-    dataset_name: str
-
-
-def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 batch buffer; in a DataLoader worker it lives in shared memory from the
-    start, so handing the batch to the main process copies nothing (PyTorch would copy it there)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-
-
-def one_hot_columns(table: torch.Tensor) -> torch.Tensor | None:
-    """Column of the 1 of every row when ``table`` is a one-hot map."""
-    if table.numel() == 0 or not bool(((table == 0) | (table == 1)).all()) or not bool((table.sum(1) == 1).all()):
-        return None
-    return table.argmax(1)
-
-
-def vocabularies(dm: Any) -> dict[str, Vocabulary]:
-    return {"pert": Vocabulary.from_map(dm.pert_onehot_map), "cell_type": Vocabulary.from_map(dm.cell_type_onehot_map),
-            "batch": Vocabulary.from_map(dm.batch_onehot_map)}
-
-
-def _file_tables(ds: Any, layout: layouts.Layout, vocab: dict[str, Vocabulary]) -> FileTables:
-    cache = ds.metadata_cache
-    return FileTables(layout, vocab["pert"].index_of(cache.pert_categories),
-                      vocab["cell_type"].index_of(cache.cell_type_categories),
-                      vocab["batch"].index_of(cache.batch_categories), str(ds.name))
-
-
-def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> list[int]:
-    """The controls cell-load's mapping strategy would draw from for a cell of (ct, batch) in split."""
-    if hasattr(strategy, "split_control_maps"):  # basal_mapping_strategy=batch, falls back to the cell type
-        pools = strategy.split_control_maps[split]
-        pool = list(pools.get((batch, ct), []))
-        return pool or [i for (_, c), idx in pools.items() if c == ct for i in idx]
-    return list(strategy.split_control_pool[split].get(ct, []))
-
-
-def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables], dict]:
-    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows."""
-    use_batch = dm.basal_mapping_strategy == "batch"
-    files: dict[str, int] = {}
-    tables: list[FileTables] = []
-    vocab = vocabularies(dm)
-    positions: list[np.ndarray] = []
-    rows, group_file, group_pool, pools, pool_ids = [], [], [], [], {}
-    for subset in dm.train_datasets:
-        ds = subset.dataset
-        key = str(ds.h5_path)
-        if key not in files:
-            files[key] = len(tables)
-            tables.append(_file_tables(ds, layouts.open_layout(ds.h5_path, layout_dir), vocab))
-            positions.append(tables[-1].layout.position_of())
-        f = files[key]
-        file_rows = np.asarray(ds.all_indices)[np.asarray(subset.indices, dtype=np.int64)]
-        if len(file_rows) == 0:
-            continue
-        cache = ds.metadata_cache
-        ct, pert, batch = cache.cell_type_codes[file_rows], cache.pert_codes[file_rows], cache.batch_codes[file_rows]
-        keys = np.stack([ct, pert] + ([batch] if use_batch else []), axis=1)
-        _, group_of = np.unique(keys, axis=0, return_inverse=True)
-        group_of = group_of.reshape(-1)
-        for g in range(int(group_of.max()) + 1):
-            members = file_rows[group_of == g]
-            first = int(members[0])
-            split = ds._find_split_for_idx(first)
-            pool_key = (f, split, int(cache.cell_type_codes[first]), int(cache.batch_codes[first]) if use_batch else -1)
-            if pool_key not in pool_ids:
-                pool = _control_pool(ds, ds.mapping_strategy, split, pool_key[2], int(cache.batch_codes[first]))
-                if not pool:
-                    raise LookupError(f"no control cells for cell type '{cache.cell_type_categories[pool_key[2]]}'")
-                pool_ids[pool_key] = len(pools)
-                pools.append(np.sort(positions[f][np.asarray(pool, dtype=np.int64)]))
-            rows.append(np.sort(positions[f][members]))
-            group_file.append(f)
-            group_pool.append(pool_ids[pool_key])
-    groups = Groups(rows, np.asarray(group_file, dtype=np.int64), np.asarray(group_pool, dtype=np.int64), pools)
-    return groups, tables, vocab
 
 
 @dataclass
@@ -281,6 +150,10 @@ class LayoutSetDataset(Dataset):
         if s.ctrl_counts_key:
             batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file, None, slot,
                                                         "ctrl_cell_counts")
+        if slot >= 0:  # buffers the trainer already has go as handles
+            for role in SLOT_ROLES:
+                if role in batch_dict:
+                    batch_dict[role] = self._slots.outgoing(slot, role, batch_dict[role])
         if s.barcodes:
             batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
             batch_dict["ctrl_cell_barcode"] = self._barcodes(ctrl_rows, cell_file, None)
@@ -386,13 +259,15 @@ class LayoutDataLoader(DataLoader):
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
         # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
-        dataset.board = SlotBoard(num_workers) if num_workers > 0 else None
+        dataset.board = SlotBoard(num_workers, by_handle=not pin_memory) if num_workers > 0 else None
         self.releaser = SlotReleaser(dataset.board) if num_workers > 0 else None
 
     def __iter__(self):
         pin = bool(self.pin_memory)
         for batch in super().__iter__():
             slot = batch.pop(SLOT_KEY, -1)
+            if self.releaser is not None and not pin:
+                self.releaser.receive(slot, batch, SLOT_ROLES)
             out = finish_batch(batch, self.dataset, pin)
             del batch
             if self.releaser is not None:
@@ -400,7 +275,7 @@ class LayoutDataLoader(DataLoader):
                 if pin:  # the batch now lives in pinned copies: the worker may write its slot again
                     self.releaser.release(slot)
                 else:
-                    self.releaser.track(slot, (v for k, v in out.items() if k in SLOT_ROLES))
+                    self.releaser.track(slot, [k for k in SLOT_ROLES if k in out])
             yield out
             del out
 

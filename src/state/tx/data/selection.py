@@ -1,8 +1,9 @@
 """Which training loader runs: the fast layout loader or cell-load's own.
 
 ``data.kwargs.fast_loader``: ``auto`` (default) uses the layout when every file of the TOML has an
-up-to-date one written by ``state tx index`` with the matrices this run reads, and says in one line
-how to create it otherwise; ``true`` requires it (an error names what is missing); ``false`` always
+up-to-date one written by ``state tx index`` with the matrices this run reads; otherwise it says in
+one line how to create it, unless there is none and every matrix fits the in-memory obsm cache (the
+layout would gain little then); ``true`` requires it (an error names what is missing); ``false`` always
 uses cell-load. Validation and test loaders are always cell-load's. Nothing of this reaches the files
 arc-state reads (``data_module.torch`` holds cell-load's own fields only).
 """
@@ -15,6 +16,8 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from state.utils.errors import StateError
 
@@ -78,6 +81,36 @@ def index_command(kw: Mapping[str, Any]) -> str:
     return shlex.join(parts)
 
 
+def layout_gain(sources: list, keys: list[str]) -> str | None:
+    """What the layout would gain over cell-load here, or None when every matrix training reads is served
+    by the in-memory obsm cache (:mod:`state.tx.data.obsm_cache`: then reads are no bottleneck)."""
+    from state.tx.data.obsm_cache import cache_budget_bytes
+
+    budget = cache_budget_bytes()
+    if budget <= 0:
+        return "the in-memory obsm cache is off (STATE_OBSM_CACHE_MB=0), so cell-load reads one row per cell"
+    for source in sources:
+        for key in keys:
+            size = _dense_bytes(source, key)
+            if size > budget:  # the cache's own rule
+                return (f"obsm['{key}'] of {source} ({size >> 20} MiB) is past the in-memory obsm cache "
+                        f"(STATE_OBSM_CACHE_MB={budget >> 20}), so cell-load reads one row per cell")
+    return None
+
+
+def _dense_bytes(source: Any, key: str) -> int:
+    """Size of dense float32 ``obsm[key]`` (0 when it is missing, sparse, or the file cannot be read: cell-load
+    reports those itself)."""
+    import h5py
+
+    try:
+        with h5py.File(source, "r") as handle:
+            node = handle.get(f"obsm/{key}")
+            return int(np.prod(node.shape)) * 4 if isinstance(node, h5py.Dataset) and node.ndim == 2 else 0
+    except OSError:
+        return 0
+
+
 def decide(kw: Mapping[str, Any]) -> FastLoaderChoice:
     """Choose the training loader for these data kwargs (before cell-load's setup)."""
     from state.tx.data import layout
@@ -106,10 +139,14 @@ def decide(kw: Mapping[str, Any]) -> FastLoaderChoice:
                          hint=f"run `{index_command(kw)}` or set data.kwargs.fast_loader=auto")
     if unsupported_settings(kw):
         log.info("training loader: cell-load (the fast loader does not support %s)", "; ".join(problems))
+        return FastLoaderChoice(False)
+    gain = layout_gain(sources, needed_keys(kw)) if all(p.startswith("no layout") for p in problems) else ""
+    if gain is None:  # no layout, and none needed: cell-load's rows come from memory
+        log.debug("training loader: cell-load (%s; the obsm rows fit the in-memory cache)", problems[0])
     else:
-        log.info("training loader: cell-load (%s); `%s` writes a group-sorted layout once and training then "
-                 "reads whole cell sets as slices, >=20x faster loading on files past the in-memory cache "
-                 "(data.kwargs.fast_loader=false hides this line)", problems[0], index_command(kw))
+        log.info("training loader: cell-load (%s%s); `%s` writes a group-sorted layout once and training then "
+                 "reads whole cell sets as slices, >=20x faster loading (data.kwargs.fast_loader=false hides "
+                 "this line)", problems[0], f"; {gain}" if gain else "", index_command(kw))
     return FastLoaderChoice(False)
 
 
@@ -119,11 +156,11 @@ def training_seed(dm: Any) -> int:
 
 def train_loader(dm: Any, choice: FastLoaderChoice) -> Any | None:
     """The fast training DataLoader of a set-up data module, or None (cell-load's then serves)."""
-    from state.tx.data import loader
+    from state.tx.data import loader, split_tables
 
     if getattr(dm, "_state_fast_groups", None) is None:
         try:
-            dm._state_fast_groups = loader.groups_from_data_module(dm, choice.layout_dir)
+            dm._state_fast_groups = split_tables.groups_from_data_module(dm, choice.layout_dir)
         except LookupError as exc:
             if choice.required:
                 raise StateError(f"data.kwargs.fast_loader=true but {exc}", hint="data.kwargs.fast_loader=auto") from exc
