@@ -123,8 +123,9 @@ def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, li
         keys = np.stack([ct, pert] + ([batch] if use_batch else []), axis=1)
         _, group_of = np.unique(keys, axis=0, return_inverse=True)
         group_of = group_of.reshape(-1)
-        for g in range(int(group_of.max()) + 1):
-            members = file_rows[group_of == g]
+        # Each group's rows in file order, by one stable sort (a mask per group is O(cells x groups)).
+        by_group = file_rows[np.argsort(group_of, kind="stable")]
+        for members in np.split(by_group, np.cumsum(np.bincount(group_of))[:-1]):
             first = int(members[0])
             split = ds._find_split_for_idx(first)
             pool_key = (f, split, int(cache.cell_type_codes[first]), int(cache.batch_codes[first]) if use_batch else -1)
