@@ -19,8 +19,9 @@ warmed, and the rates then include disk reads (said in the output). ``--compress
 generated source compressed (see loader_data.py), for sizes whose raw copy and layout would not both
 fit on the disk.
 End to end (--e2e): ``state tx train model=state_sm`` steps/s on the big file with cell-load's path
-and ours, and on a 50k-cell file served by our in-memory obsm cache; start-up is excluded by running
-two step counts and dividing the extra steps by the extra time.
+and ours, and on a 50k-cell file served by our in-memory obsm cache: every step's wall time is taken
+inside the run (train_step_times.py) and the figure is 1 / the median step time after each run's
+first two steps, over ``--e2e-reps`` interleaved runs, so start-up and its variance stay out.
 """
 
 from __future__ import annotations
@@ -137,29 +138,36 @@ def loader_rows(tomls: dict[str, Path], folders: dict[str, Path], layout: Path, 
     return rows
 
 
-def e2e_seconds(toml: Path, fast: str, steps: int, out: Path, env: dict) -> float:
+def e2e_step_seconds(toml: Path, fast: str, steps: int, out: Path, env: dict) -> list[float]:
+    """Wall seconds of every training step of one ``tx train model=state_sm`` run (train_step_times.py)."""
     data = {**DATA_KW, "toml_config_path": toml, "num_workers": 0, "fast_loader": fast}
-    cmd = [OURS, "tx", "train", "model=state_sm", *(f"data.kwargs.{k}={v}" for k, v in data.items()),
-           f"output_dir={out}", "name=run", "overwrite=true", f"training.max_steps={steps}",
-           f"training.batch_size={BATCH}", "training.val_freq=100000", "use_wandb=false"]
-    run = run_cmd(cmd, env=env, log_path=out / f"{fast}-{steps}.log")
+    cmd = [sys.executable, str(Path(__file__).with_name("train_step_times.py")), "model=state_sm",
+           *(f"data.kwargs.{k}={v}" for k, v in data.items()), f"output_dir={out}", "name=run", "overwrite=true",
+           f"training.max_steps={steps}", f"training.batch_size={BATCH}", "training.val_freq=100000",
+           "use_wandb=false"]
+    log = out / f"{fast}-{steps}.log"
+    run = run_cmd(cmd, env=env, log_path=log)
     if run.returncode != 0:
-        raise RuntimeError((out / f"{fast}-{steps}.log").read_text()[-3000:])
-    return run.seconds
+        raise RuntimeError(log.read_text()[-3000:])
+    lines = [line for line in log.read_text().splitlines() if line.startswith('{"step_seconds"')]
+    return json.loads(lines[-1])["step_seconds"]
 
 
-def e2e_rows(big_toml: Path, small_toml: Path, steps: tuple[int, int]) -> list[dict]:
+def e2e_rows(big_toml: Path, small_toml: Path, steps: int, reps: int) -> list[dict]:
+    """Median step time after the first two steps, runs of the three set-ups interleaved ``reps`` times."""
     out = WORK / "loader_e2e"
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for label, toml, fast, cache in (("1M file, cell-load path (cache off)", big_toml, "false", "0"),
-                                     ("1M file, ours", big_toml, "true", "0"),
-                                     ("50k file, cell-load path + our obsm cache", small_toml, "false", "2048")):
-        env = {**bench_env(1), "STATE_OBSM_CACHE_MB": cache}
-        short, long = (e2e_seconds(toml, fast, s, out, env) for s in steps)
-        rows.append({"run": label, "steps_per_s": (steps[1] - steps[0]) / (long - short)})
-        print(rows[-1], flush=True)
-    return rows
+    setups = (("1M file, cell-load path (cache off)", big_toml, "false", "0"),
+              ("1M file, ours", big_toml, "true", "0"),
+              ("50k file, cell-load path + our obsm cache", small_toml, "false", "2048"))
+    steady: dict[str, list[float]] = {label: [] for label, *_ in setups}
+    for _ in range(reps):
+        for label, toml, fast, cache in setups:
+            env = {**bench_env(1), "STATE_OBSM_CACHE_MB": cache}
+            steady[label] += e2e_step_seconds(toml, fast, steps, out, env)[2:]
+            print(label, f"{len(steady[label])} steady steps so far", flush=True)
+    return [{"run": label, "steps_per_s": 1.0 / float(np.median(times)), "steps": len(times)}
+            for label, times in steady.items()]
 
 
 def index_layout(toml: Path) -> tuple[float, float]:
@@ -176,9 +184,10 @@ def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]
     flags += f" --paths {' '.join(args.paths)}" if args.paths != list(PATH_FLAGS) else ""
     flags += f" --compress {args.compress}" if args.compress else ""
     flags += f" --section {args.section}" if args.section != "bench_tx_loader" else ""
-    lines = [f"Command: `python bench/bench_tx_loader.py --cells {args.cells} --files {args.files} --workers "
-             f"{' '.join(map(str, args.workers))} --batches {args.batches} --fast-batches {args.fast_batches}"
-             f"{flags} --write-md`", "",
+    flags += f" --e2e-steps {args.e2e_steps} --e2e-reps {args.e2e_reps}" if e2e else ""
+    loader_flags = "" if args.e2e_only else (f" --files {args.files} --workers {' '.join(map(str, args.workers))} "
+                                             f"--batches {args.batches} --fast-batches {args.fast_batches}")
+    lines = [f"Command: `python bench/bench_tx_loader.py --cells {args.cells}{loader_flags}{flags} --write-md`", "",
              f"Data: {args.cells:,} cells x 2,000 float32 X_hvg in {args.files} file(s), batch {BATCH} sets x "
              f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", ""]
     if rows:
@@ -193,8 +202,9 @@ def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]
         lines += ["", "Files larger than half the machine's memory were not page-cached: those rates include disk "
                   "reads."]
     if e2e:
-        lines += ["", "| end to end, `tx train model=state_sm`, 0 workers | steps/s |", "|---|---|"]
-        lines += [f"| {r['run']} | {r['steps_per_s']:.3f} |" for r in e2e]
+        lines += ["", "| end to end, `tx train model=state_sm`, 0 workers | steps/s (1 / median step time) "
+                  "| steps timed |", "|---|---|---|"]
+        lines += [f"| {r['run']} | {r['steps_per_s']:.3f} | {r['steps']} |" for r in e2e]
     lines += ["", machine_line(1, tuple(__import__("os").getloadavg()[:2]))]
     return "\n".join(lines)
 
@@ -212,7 +222,8 @@ def main() -> None:
     parser.add_argument("--section", default="bench_tx_loader", help="BENCHMARKS.md section to (re)write")
     parser.add_argument("--e2e", action="store_true", help="also time `tx train model=state_sm` end to end")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end timing")
-    parser.add_argument("--e2e-steps", type=int, nargs=2, default=[2, 8])
+    parser.add_argument("--e2e-steps", type=int, default=10, help="training steps per end-to-end run")
+    parser.add_argument("--e2e-reps", type=int, default=2, help="interleaved end-to-end runs per set-up")
     parser.add_argument("--write-md", action="store_true")
     parser.add_argument("--clean", action="store_true", help="delete the generated data afterwards")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
@@ -223,7 +234,7 @@ def main() -> None:
     if args.measure:
         return measure(args)
     root = WORK / f"loader_{args.cells}"
-    orders = ["random"] + (["grouped"] if "consecutive" in args.paths else [])
+    orders = ["random"] + (["grouped"] if "consecutive" in args.paths and not args.e2e_only else [])
     folders = {order: write_dataset(root / order, args.cells, n_files=args.files, order=order, compress=args.compress)
                for order in orders}
     tomls = {order: write_toml(root / f"{order}.toml", folder) for order, folder in folders.items()}
@@ -235,7 +246,7 @@ def main() -> None:
     if args.e2e or args.e2e_only:
         small = write_dataset(WORK / "loader_50000" / "random", 50_000)
         e2e = e2e_rows(tomls["random"], write_toml(WORK / "loader_50000" / "random.toml", small),
-                       tuple(args.e2e_steps))
+                       args.e2e_steps, args.e2e_reps)
     body = markdown(args, index, rows, e2e)
     print(body)
     if args.write_md and rows:
