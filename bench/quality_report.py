@@ -24,7 +24,7 @@ def markdown(frame: pd.DataFrame) -> str:
     flat = frame.reset_index()
     head = "| " + " | ".join(map(str, flat.columns)) + " |"
     rule = "|" + "---|" * len(flat.columns)
-    cells = [["-" if isinstance(v, float) and np.isnan(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+    cells = [["-" if isinstance(v, float) and np.isnan(v) else f"{v + 0.0:.3f}" if isinstance(v, float) else str(v)
               for v in row] for row in flat.itertuples(index=False)]
     return "\n".join([head, rule, *("| " + " | ".join(c) + " |" for c in cells)])
 
@@ -50,7 +50,7 @@ def per_seed_table(rows: pd.DataFrame) -> pd.DataFrame:
     table = rows.pivot_table(index=["task", "model"], columns="seed", values=list(values), dropna=False)
     table = table.reindex(columns=[(m, s) for m in values for s in sorted(rows["seed"].unique())])
     table.columns = [f"{values[m]}, seed {s}" for m, s in table.columns]
-    return table
+    return table.dropna(how="all")
 
 
 def target_lines(table: pd.DataFrame) -> list[str]:
