@@ -104,6 +104,53 @@ def test_exit_status_is_configurable(synth, tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handlers are given back
 
 
+def fake_slurm_batch_job(monkeypatch, tmp_path: Path, *, job_id: str = "4242", watch: Path | None = None) -> Path:
+    """A SLURM batch job as Lightning sees it (one task, auto-requeue on) and a fake ``scontrol`` first on
+    PATH; returns the file where scontrol records each call (its arguments, and whether ``watch`` existed)."""
+    calls, bin_dir = tmp_path / "scontrol_calls.txt", tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    seen = f'$( [ -f "{watch}" ] && echo present || echo absent )' if watch else "-"
+    scontrol.write_text(f'#!/bin/sh\necho "$* {seen}" >> "{calls}"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": job_id, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+                       "SLURM_JOB_NAME": "batchjob", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    return calls
+
+
+def test_slurm_batch_job_on_sigusr1_requeues_after_last_ckpt_and_the_requeued_job_finishes(
+        synth, whole_run, tmp_path, monkeypatch, capsys):
+    """`#SBATCH --signal=SIGUSR1@90 --requeue` simulated: Lightning detects SLURM and arms its auto-requeue;
+    `scontrol requeue <job>` runs once, after last.ckpt is on disk (no mid-step hpc_ckpt); exit 138; the same
+    command in the requeued job resumes at that step and reproduces the uninterrupted loss curve."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    last = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    calls = fake_slurm_batch_job(monkeypatch, tmp_path, watch=last)
+    assert SLURMEnvironment.detect()
+    args = ["tx", "train", *train_args(synth, tmp_path, "job", steps=STEPS)]
+    signal_at(monkeypatch, 5, signal.SIGUSR1)
+    code = cli_run(args)
+    assert code == 138, capsys.readouterr().err[-3000:]
+    assert calls.read_text().splitlines() == ["requeue 4242 present"]
+    assert safe_torch_load(last)["global_step"] == 5
+    assert not list((tmp_path / "job").rglob("hpc_ckpt_*")) and not (last.parent / "final.ckpt").exists()
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+
+    monkeypatch.setattr(tx_run, "_callbacks", _own_callbacks)  # the requeued job: same command, no signal
+    assert cli_run(args) == 0
+    assert calls.read_text().splitlines() == ["requeue 4242 present"]  # no second requeue
+    assert safe_torch_load(last.parent / "final.ckpt")["global_step"] == STEPS
+    assert train_losses(tmp_path / "job") == whole_run
+
+
+_own_callbacks = tx_run._callbacks
+
+
 def _foreign_lock(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     other = os.getppid()
@@ -249,3 +296,84 @@ def test_commands_read_read_only_models_and_inputs_and_write_nothing_next_to_the
     assert code == 0 and out.is_file()
     assert after == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.h5ad"]
+
+
+# ------------------------------------------------------------------ emb fit: exact resume, SLURM requeue
+
+
+class BatchLosses(pl.Callback):
+    """Every training batch's loss by (epoch, batch index); sends ``signum`` after batch ``at`` = (epoch, index)."""
+
+    def __init__(self, at: tuple[int, int] | None = None, signum: int = signal.SIGTERM) -> None:
+        self.losses: dict[tuple[int, int], float] = {}
+        self.at, self.signum = at, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[(trainer.current_epoch, batch_idx)] = float(outputs["loss"])
+        if (trainer.current_epoch, batch_idx) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def _emb_overrides(ckpt: Path) -> list[str]:
+    # 88 training cells in batches of 8: 11 batches, 6 optimizer steps (2 batches each) per epoch; dropout 0.1.
+    from test_emb_fit import TINY
+
+    return [*TINY, f"experiment.checkpoint.path={ckpt}", "experiment.checkpoint.every_n_train_steps=100",
+            "experiment.num_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def emb_setup(tmp_path_factory):
+    from test_emb_fit import setup
+
+    return setup.__wrapped__(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def emb_whole_run(emb_setup, tmp_path_factory) -> dict[tuple[int, int], float]:
+    from state.emb.config import compose_emb_config
+    from state.emb.fit import fit
+
+    record = BatchLosses()
+    result = fit(compose_emb_config(str(emb_setup[1]), _emb_overrides(tmp_path_factory.mktemp("emb_whole"))),
+                 extra_callbacks=[record])
+    assert result.global_step == 12 and len(record.losses) == 22
+    return record.losses
+
+
+def test_emb_fit_preempted_mid_accumulation_resumes_with_the_uninterrupted_losses(emb_setup, emb_whole_run, tmp_path):
+    """SIGTERM after the first half of an accumulated step in epoch 2: training stops after that step, and the
+    resumed run (the same epoch order, the same per-batch gene draws and dropout) gives every batch's loss exactly."""
+    from state.emb.config import compose_emb_config
+    from state.emb.fit import fit
+    from state.training.preemption import RunPreempted
+
+    overrides = _emb_overrides(tmp_path)
+    cut = BatchLosses(at=(1, 4))  # epoch 2, batch 5: the first half of the epoch's third optimizer step
+    with pytest.raises(RunPreempted) as stopped:
+        fit(compose_emb_config(str(emb_setup[1]), overrides), extra_callbacks=[cut])
+    assert stopped.value.step == 9 and max(cut.losses) == (1, 5)  # waited for the batch that completes step 9
+    assert safe_torch_load(tmp_path / "toy" / "last.ckpt")["global_step"] == 9
+    rest = BatchLosses()
+    assert fit(compose_emb_config(str(emb_setup[1]), overrides), extra_callbacks=[rest]).global_step == 12
+    assert min(rest.losses) == (1, 6) and not set(rest.losses) & set(cut.losses)
+    assert {**cut.losses, **rest.losses} == emb_whole_run
+
+
+def test_emb_fit_in_a_slurm_batch_job_requeues_after_last_ckpt(emb_setup, tmp_path, monkeypatch, capsys):
+    """`state emb fit` under SLURM: SIGUSR1 -> last.ckpt, one `scontrol requeue`, exit 138; the requeued job finishes."""
+    from state.emb import fit as emb_fit
+
+    folder = tmp_path / "ckpt" / "toy"
+    calls = fake_slurm_batch_job(monkeypatch, tmp_path, job_id="777", watch=folder / "last.ckpt")
+    plain_fit = emb_fit.fit
+    monkeypatch.setattr(emb_fit, "fit", lambda cfg: plain_fit(cfg, extra_callbacks=[BatchLosses(at=(0, 5), signum=signal.SIGUSR1)]))
+    args = ["emb", "fit", "--conf", str(emb_setup[1]), *_emb_overrides(tmp_path / "ckpt")]
+    assert cli_run(args) == 138, capsys.readouterr().err[-3000:]
+    assert "SIGUSR1 after step 3" in capsys.readouterr().err
+    assert calls.read_text().splitlines() == ["requeue 777 present"]
+    assert safe_torch_load(folder / "last.ckpt")["global_step"] == 3 and not list(tmp_path.rglob("hpc_ckpt_*"))
+    monkeypatch.setattr(emb_fit, "fit", plain_fit)
+    assert cli_run(args) == 0
+    assert calls.read_text().splitlines() == ["requeue 777 present"]
+    assert safe_torch_load(folder / "last.ckpt")["global_step"] == 12

@@ -74,3 +74,18 @@ def test_baseline_prediction_is_a_same_context_control_plus_the_response():
     lin = baseline_adata(real, table, kind="linear", control="ctrl", pert_col="gene", cell_type_key="cell_type")
     truth = x[0] + 0.3 + 2.0 * shared[9]  # ctxC's gain: the linear baseline learns it (shrunk), perturb_mean not
     assert np.abs(lin.X[3] - truth).sum() < 0.5 * np.abs(pm.X[3] - truth).sum()
+
+
+def test_baseline_control_draws_use_each_control_once_per_perturbation_and_follow_the_seed():
+    from state.tx.predict.baselines import control_draws
+
+    controls = np.arange(100, 110)
+    perts = np.array(["a"] * 10 + ["b"] * 4 + ["c"] * 13)
+    draws = control_draws(controls, perts, np.random.default_rng(0))
+    assert sorted(draws[:10]) == list(controls)  # no control twice while the pool lasts
+    assert len(set(draws[10:14])) == 4 and set(draws) <= set(controls)
+    assert sorted(draws[14:24]) == list(controls) and set(draws[24:]) <= set(draws[14:24])  # then cycled
+    again = control_draws(controls, perts, np.random.default_rng(0))
+    other = control_draws(controls, perts, np.random.default_rng(1))
+    np.testing.assert_array_equal(draws, again)
+    assert not np.array_equal(draws, other)

@@ -8,14 +8,16 @@ step k and resumed reproduces the uninterrupted run's loss at every step:
 - every checkpoint carries the global random states (Python, NumPy, torch, CUDA) at save time,
   and the random states at the start of the current epoch: the global ones plus those of the
   generators inside the training dataset (cell-load's control-cell mapping draws from its own);
-- on a resume in the middle of an epoch, the epoch's random states are restored, the loader is
-  iterated afresh and the batches the interrupted run already trained on are drawn and dropped
-  (data loading only, no model work), then the save-time states are restored before the next step.
+- on a resume in the middle of an epoch, the samplers are told their epoch (as Lightning does, but
+  before the iterator is made), the epoch's random states are restored, the loader is iterated
+  afresh and the batches the interrupted run already trained on are drawn and dropped (data
+  loading only, no model work), then the save-time states are restored before the next step.
 
 A loader that can save its own position (``state_dict`` / ``load_state_dict``, e.g. torchdata's
 StatefulDataLoader) is left to Lightning. Limits: generators inside DataLoader *worker* processes
 (``num_workers > 0``) cannot be captured, so there the batches are the same sets of cells but
-random draws made in workers differ from the uninterrupted run.
+random draws made in workers differ from the uninterrupted run (a loader whose draws depend only
+on the epoch and the batch's items, like ``emb fit``'s, is exact with workers too).
 """
 
 from __future__ import annotations
@@ -100,6 +102,15 @@ def _set_generator_state(gen: Any, saved: Any) -> None:
 def _train_loaders(trainer: Any) -> list:
     combined = getattr(trainer.fit_loop, "_combined_loader", None)
     return list(combined.flattened) if combined is not None else []
+
+
+def _set_sampler_epoch(trainer: Any, epoch: int) -> None:
+    for loader in _train_loaders(trainer):
+        samplers = {id(s): s for s in (getattr(loader, "sampler", None),
+                                       getattr(getattr(loader, "batch_sampler", None), "sampler", None))}
+        for sampler in samplers.values():
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(epoch)
 
 
 def _stateful(loader: Any) -> bool:
@@ -195,6 +206,9 @@ class ExactResume(Callback):
                     _set_generator_state(gen, saved[f"{i}:{path}"])
 
     def _replay(self, trainer: Any, epoch_states: dict[str, Any], done: int) -> None:
+        # Lightning tells the samplers their epoch only later (after this hook); an epoch-keyed order
+        # (DistributedSampler, emb's EpochShuffle) must know it before the iterator is made.
+        _set_sampler_epoch(trainer, int(trainer.fit_loop.epoch_progress.current.processed))
         set_global_rng_states(epoch_states["global"])
         self._set_data_states(trainer, epoch_states.get("data") or {})
         self._epoch_states = epoch_states  # a later save in this epoch needs them again

@@ -7,17 +7,20 @@ training-step boundary writes ``last.ckpt`` and stops the Trainer; the command t
 SIGUSR1, the shell's convention for "killed by that signal") or ``STATE_PREEMPT_EXIT_CODE``. Running
 the same command again resumes from that ``last.ckpt``.
 
-It works beside Lightning's own handling instead of replacing it: the handlers are installed at
-``on_train_start``, after Lightning installed its own, and are removed at ``teardown``. The SIGUSR1
-handler calls the one it replaces; SIGTERM is kept from Lightning while training (Lightning would
-abort a validation in progress, and a resumed run would then skip it), so a SIGTERM during a long
-validation stops after that validation. Under
-SLURM with Lightning's auto-requeue (its default in batch jobs) Lightning's SIGUSR1 handler still
-writes its ``hpc_ckpt_N.ckpt`` and runs ``scontrol requeue``; the requeued job resumes from our
-``last.ckpt``, which is at least as recent (our commands pass it to ``fit`` explicitly, so
-Lightning's HPC checkpoint is only used when no ``last.ckpt`` exists). Lightning's own SIGTERM
-check (``trainer.received_sigterm``) raises ``SIGTERMException`` after the step; :func:`fit_or_stop`
-turns that into :class:`RunPreempted` too.
+It works beside Lightning's own handling instead of replacing it: the handlers are installed when
+Lightning has installed its own (before the sanity check, or at ``on_train_start`` without one) and
+are removed at ``teardown``. A SIGUSR1 handler of the user's is still called. SIGTERM is kept from
+Lightning while training (Lightning would abort a validation in progress, and a resumed run would
+then skip it), so a SIGTERM during a long validation stops after that validation. Lightning's own
+SIGTERM check (``trainer.received_sigterm``) raises ``SIGTERMException`` after the step;
+:func:`fit_or_stop` turns that into :class:`RunPreempted` too.
+
+SLURM requeue: in a SLURM batch job Lightning installs a SIGUSR1 handler that, at the moment the
+signal arrives (possibly in the middle of an optimizer step), writes ``hpc_ckpt_N.ckpt`` and runs
+``scontrol requeue``, which makes SLURM end the job soon after. That checkpoint may hold a
+half-updated step, costs one more full write per requeue, and the requeue races our own checkpoint.
+So that handler is held back: :func:`requeue_slurm_job` runs the same ``scontrol requeue <job>``
+once ``last.ckpt`` is on disk, and the requeued job resumes from it (our commands pass it to ``fit``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,9 @@ class RunPreempted(StateError):
 
 class PreemptionCheckpoint(Callback):
     """After SIGTERM or SIGUSR1: write ``checkpoint`` at the next step boundary and stop training.
+
+    With gradient accumulation the boundary is the next optimizer step, not the next batch: the
+    gradients of a half-accumulated step are in no checkpoint, and a resumed run would lose them.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None) -> None:
@@ -65,15 +72,29 @@ class PreemptionCheckpoint(Callback):
         self.signum: int | None = None  # the signal received
         self.stopped_at: int | None = None  # global step of the checkpoint written on the signal
         self._previous: dict[int, Any] = {}
+        self._after_validation = False
+        self._requeue_signal: int | None = None  # Lightning's SLURM requeue signal whose handler we hold back
+        self._step_at_batch_start = -1
 
     # -- signals
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.signum, self.stopped_at, self._after_validation = None, None, False
+
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._install(trainer)  # Lightning installed its handlers just before
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.signum, self.stopped_at = None, None
-        if threading.current_thread() is not threading.main_thread():
+        self._install(trainer)
+
+    def _install(self, trainer: Any) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return
+        requeue_signal = _slurm_requeue_signal(trainer)
         for signum in PREEMPT_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        held_back = requeue_signal is not None and _is_lightnings(self._previous.get(requeue_signal))
+        self._requeue_signal = int(requeue_signal) if held_back else None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is None:
@@ -81,9 +102,9 @@ class PreemptionCheckpoint(Callback):
                         signal.Signals(signum).name)
         self.signum = signum
         previous = self._previous.get(signum)
-        # SIGUSR1: Lightning's SLURM requeue handler (when installed) still runs. SIGTERM is not passed
-        # on while training: Lightning would abort a running validation and skip it on resume.
-        if signum != signal.SIGTERM and callable(previous):
+        # SIGTERM is not passed on while training: Lightning would abort a running validation and skip
+        # it on resume. Lightning's SLURM requeue handler is replaced by requeue_slurm_job in _stop.
+        if signum != signal.SIGTERM and signum != self._requeue_signal and callable(previous):
             previous(signum, frame)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -96,7 +117,12 @@ class PreemptionCheckpoint(Callback):
         self._previous = {}
 
     # -- the step boundary
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self._step_at_batch_start = int(trainer.global_step)
+
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.accumulate_grad_batches > 1 and trainer.global_step == self._step_at_batch_start:
+            return  # gradients of this batch are accumulated, not in any checkpoint: stop after the step
         signalled = self.signum is not None or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:  # every rank stops at the same step (the signal may reach one rank)
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
@@ -120,11 +146,52 @@ class PreemptionCheckpoint(Callback):
             trainer.save_checkpoint(str(self.checkpoint), weights_only=False)
         self.stopped_at = int(trainer.global_step)
         trainer.should_stop = True
+        requeue = self._requeue_signal is not None and self.signum == self._requeue_signal
+        if trainer.world_size > 1:  # the signal may have reached another rank only
+            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
 
     def preempted(self) -> RunPreempted | None:
         if self.stopped_at is None or self.signum is None:
             return None
         return RunPreempted(self.signum, self.stopped_at, self.checkpoint)
+
+
+def _slurm_requeue_signal(trainer: Any) -> int | None:
+    """The signal on which Lightning requeues this SLURM batch job (None: not SLURM, or auto-requeue off)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    connector = getattr(trainer, "_accelerator_connector", None)
+    environment = getattr(connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+        return int(environment.requeue_signal)
+    return None
+
+
+def _is_lightnings(handler: Any) -> bool:
+    return type(handler).__module__.startswith("lightning.")
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` for this job (an array job's own task), as Lightning's handler does; never raises."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("cannot requeue: SLURM_JOB_ID is not set")
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not requeue SLURM job %s: %s (requeue it yourself: scontrol requeue %s)", job, exc, job)
+        return False
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()[:1] or [f"exit status {done.returncode}"]
+        log.warning("could not requeue SLURM job %s: %s (requeue it yourself: scontrol requeue %s)",
+                    job, reason[0], job)
+        return False
+    log.info("requeued SLURM job %s: it resumes from the checkpoint when it starts again", job)
+    return True
 
 
 def _validation_follows(trainer: Any) -> bool:

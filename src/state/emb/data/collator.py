@@ -12,7 +12,10 @@ For every cell the collator builds
 The batch is a 9-tuple whose positions are part of the model's internal API:
 ``(sentence_ids, task_gene_ids, Y, idx, filtered_counts, mask, total_counts, sentence_counts,
 dataset_nums)``. Random draws use torch's global RNG (seeded per DataLoader worker) unless a
-generator is given.
+generator is given. With ``seed`` (training and validation in ``emb fit``) every batch draws from its
+own generator, seeded from ``seed`` and the batch's cell indices: the draws for a batch are then the
+same whichever process collates it and whatever was drawn before, so a resumed run, a run with
+DataLoader workers and an uninterrupted run see identical batches.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class SentenceCollator:
         training: bool = True,
         precision: torch.dtype | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> None:
         self.spec = spec
         self.genes = dict(genes)
@@ -115,10 +119,18 @@ class SentenceCollator:
         self.training = training
         self.precision = precision
         self.generator = generator
+        self.seed = seed
 
-    def cell_sentence(self, x_log: torch.Tensor, genes: DatasetGenes) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_generator(self, batch: Sequence[Item]) -> torch.Generator | None:
+        if self.seed is None:
+            return self.generator
+        words = np.random.SeedSequence([self.seed, *(int(item[1]) for item in batch)]).generate_state(2)
+        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+    def cell_sentence(self, x_log: torch.Tensor, genes: DatasetGenes, *,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(global ids [L], counts [L]) for one cell given its unfiltered log1p row."""
-        spec, gen = self.spec, self.generator
+        spec, gen = self.spec, generator if generator is not None else self.generator
         xf = x_log[genes.valid_mask]
         gids = genes.valid_global_ids
         total = xf.sum()
@@ -140,10 +152,11 @@ class SentenceCollator:
         return gids[local], 100.0 * weights[local]
 
     def task_genes(
-        self, x_log: torch.Tensor, genes: DatasetGenes, shared: torch.Tensor | None
+        self, x_log: torch.Tensor, genes: DatasetGenes, shared: torch.Tensor | None, *,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(global ids, log1p targets) of the P positive, N negative and S shared task genes."""
-        spec, gen = self.spec, self.generator
+        spec, gen = self.spec, generator if generator is not None else self.generator
         xf = x_log[genes.valid_mask]
         positives = _draw(torch.nonzero(xf > 0).flatten(), spec.P, gen)
         # Quirk kept from arc-state: "negative" means log value < 1, so count 1 is in both pools.
@@ -171,14 +184,15 @@ class SentenceCollator:
         filtered = torch.zeros(size, widest)
         idx = torch.zeros(size, dtype=torch.int32)
         dataset_nums = torch.zeros(size, dtype=torch.int32)
+        gen = self._batch_generator(batch)
         shared = None
         if spec.shared:
-            shared = torch.randint(0, self.vocab_size, (spec.S,), generator=self.generator, dtype=torch.long)
+            shared = torch.randint(0, self.vocab_size, (spec.S,), generator=gen, dtype=torch.long)
         for i, (row, cell_idx, name, dataset_num) in enumerate(batch):
             genes = self.genes[name]
             x_log = to_log_space(torch.as_tensor(row, dtype=torch.float32).reshape(-1))
-            sentence_ids[i], sentence_counts[i] = self.cell_sentence(x_log, genes)
-            task_ids[i], targets[i] = self.task_genes(x_log, genes, shared)
+            sentence_ids[i], sentence_counts[i] = self.cell_sentence(x_log, genes, generator=gen)
+            task_ids[i], targets[i] = self.task_genes(x_log, genes, shared, generator=gen)
             kept = x_log[genes.valid_mask]
             filtered[i, : kept.numel()] = kept
             idx[i] = int(cell_idx)

@@ -2,7 +2,8 @@
 
 Fits ``perturb_mean`` and ``linear`` (:mod:`state.tx.models.linear_baseline`) on the run's training
 split (one pass over its training loader, no gradient steps), predicts every test cell as a control
-cell of the same context (drawn from the observed test controls, fixed seed) plus the baseline's
+cell of the same context (drawn from the observed test controls, per perturbation without
+replacement, seeded by the run's ``training.train_seed``) plus the baseline's
 pseudo-bulk response, scores each with the same cell-eval call as the model, and writes:
 
 * ``<eval>/baseline_<name>/``: cell-eval's CSVs for that baseline;
@@ -42,10 +43,28 @@ def baseline_responses(responses: MeanResponses, contexts: list[str], perts: lis
     return x
 
 
+def control_draws(controls: np.ndarray, perts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A control row for every row, per perturbation without replacement while the pool lasts.
+
+    A trained model's cells are paired with the controls of its sets; drawing with replacement
+    here instead would give a perturbation's pseudo-bulk a few repeated controls and more noise
+    than the model it is compared with. Within a perturbation the pool is used in a random order
+    (cycled when the perturbation has more cells than there are controls).
+    """
+    out = np.empty(len(perts), dtype=np.int64)
+    for pert in np.unique(perts):
+        rows = np.flatnonzero(perts == pert)
+        order = rng.permutation(controls)
+        out[rows] = order[np.arange(len(rows)) % len(order)]
+    return out
+
+
 def baseline_adata(adata_real: ad.AnnData, responses: MeanResponses, *, kind: str, control: str, pert_col: str,
                    cell_type_key: str, seed: int = 0) -> ad.AnnData:
-    """The baseline's prediction in ``adata_real``'s layout: a same-context control cell + the response."""
-    rng = np.random.default_rng(seed)
+    """The baseline's prediction in ``adata_real``'s layout: a same-context control cell + the response.
+
+    Deterministic for a ``seed`` (predict passes the run's ``training.train_seed``)."""
+    rng = np.random.default_rng([int(seed), 2718])
     real = np.asarray(adata_real.X.toarray() if hasattr(adata_real.X, "toarray") else adata_real.X, np.float32)
     perts = adata_real.obs[pert_col].astype(str).to_numpy()
     contexts = adata_real.obs[cell_type_key].astype(str).to_numpy()
@@ -56,7 +75,7 @@ def baseline_adata(adata_real: ad.AnnData, responses: MeanResponses, *, kind: st
         if not len(rows) or not len(controls):
             continue
         shift = baseline_responses(responses, [ctx] * len(rows), list(perts[rows]), kind)
-        preds[rows] = real[rng.choice(controls, size=len(rows))] + shift
+        preds[rows] = real[control_draws(controls, perts[rows], rng)] + shift
     if real.min() >= 0:  # expression (log1p) stays non-negative, as cell-eval requires
         np.clip(preds, 0.0, None, out=preds)
     return ad.AnnData(X=preds, obs=adata_real.obs.copy(), var=adata_real.var.copy())
@@ -64,7 +83,7 @@ def baseline_adata(adata_real: ad.AnnData, responses: MeanResponses, *, kind: st
 
 def compare_with_baselines(data: Any, adata_pred: ad.AnnData, adata_real: ad.AnnData, model_metrics: dict, *,
                            eval_dir: Path, control: str, pert_col: str, cell_type_key: str,
-                           embed_key: str | None, profile: str) -> pd.DataFrame | None:
+                           embed_key: str | None, profile: str, seed: int = 0) -> pd.DataFrame | None:
     """Fit, predict and score the baselines; return the comparison table (None when not comparable)."""
     from state.tx.predict.evaluate import evaluate_and_plot
 
@@ -76,7 +95,7 @@ def compare_with_baselines(data: Any, adata_pred: ad.AnnData, adata_real: ad.Ann
     columns = {"model": _means(model_metrics)}
     for kind in BASELINES:
         pred = baseline_adata(adata_real, responses, kind=kind, control=control, pert_col=pert_col,
-                              cell_type_key=cell_type_key)
+                              cell_type_key=cell_type_key, seed=seed)
         metrics = evaluate_and_plot(pred, adata_real, outdir=eval_dir / f"baseline_{kind}", control_pert=control,
                                     pert_col=pert_col, cell_type_key=cell_type_key, embed_key=embed_key,
                                     profile=profile)

@@ -216,7 +216,7 @@ def predict(
             result.adata_paths.append(atomic_write_h5ad(adata, eval_dir / name))
     scoring = _Scoring(eval_dir=eval_dir, control=control, data_kwargs=data_kwargs, profile=profile,
                        cell_eval=not predict_only and scorer != "cell-eval2", eval2_preset=preset if use_eval2 else None,
-                       baselines=baselines)
+                       baselines=baselines, seed=int(cfg.get("training", {}).get("train_seed", 42)))
     _score(result, scoring, data, adata_pred, adata_real)
     return result
 
@@ -258,6 +258,7 @@ class _Scoring:
     cell_eval: bool  # cell-eval metrics and plots (not with --predict-only or --scorer cell-eval2)
     eval2_preset: str | None  # cell-eval2 preset, or None when cell-eval2 does not score
     baselines: bool  # --baselines: perturb_mean and linear scored beside the model (needs cell_eval)
+    seed: int = 0  # the run's training.train_seed: the baselines' control draws
 
 
 def _score(result: PredictResult, how: _Scoring, data, adata_pred, adata_real) -> None:
@@ -282,6 +283,7 @@ def _score(result: PredictResult, how: _Scoring, data, adata_pred, adata_real) -
 
         result.baselines = compare_with_baselines(
             data, adata_pred, adata_real, result.metrics, eval_dir=how.eval_dir, control=how.control,
-            pert_col=pert_col, cell_type_key=cell_type_key, embed_key=embed_key, profile=how.profile)
+            pert_col=pert_col, cell_type_key=cell_type_key, embed_key=embed_key, profile=how.profile,
+            seed=how.seed)
 
 __all__ = ["PredictResult", "predict"]

@@ -1,0 +1,54 @@
+"""SLURM requeue after a preemption checkpoint: which job is requeued, and a failing scontrol never raises."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from state.training.preemption import preempt_exit_code, requeue_slurm_job
+
+
+def _scontrol(tmp_path, monkeypatch, body: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(("env", "expected"), [({"SLURM_JOB_ID": "4242"}, "requeue 4242"),
+                                               ({"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242",
+                                                 "SLURM_ARRAY_TASK_ID": "7"}, "requeue 4242_7")])
+def test_requeue_names_the_job_or_its_array_task(tmp_path, monkeypatch, env, expected):
+    _scontrol(tmp_path, monkeypatch, f'echo "$*" >> "{tmp_path}/calls"')
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert requeue_slurm_job() is True
+    assert (tmp_path / "calls").read_text().splitlines() == [expected]
+
+
+def test_failed_requeue_warns_with_the_command_to_run_and_does_not_raise(tmp_path, monkeypatch, state_log):
+    _scontrol(tmp_path, monkeypatch, 'echo "scontrol: error: Invalid job id specified" >&2; exit 1')
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    with state_log.at_level(logging.WARNING, logger="state"):
+        assert requeue_slurm_job() is False
+    assert "Invalid job id specified" in state_log.text and "scontrol requeue 4242" in state_log.text
+
+
+def test_no_scontrol_on_path_is_a_warning(tmp_path, monkeypatch, state_log):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with state_log.at_level(logging.WARNING, logger="state"):
+        assert requeue_slurm_job() is False
+    assert "could not requeue SLURM job 4242" in state_log.text
+
+
+def test_exit_status_follows_the_signal_unless_configured(monkeypatch):
+    monkeypatch.delenv("STATE_PREEMPT_EXIT_CODE", raising=False)
+    assert (preempt_exit_code(15), preempt_exit_code(10)) == (143, 138)
+    monkeypatch.setenv("STATE_PREEMPT_EXIT_CODE", "3")
+    assert preempt_exit_code(10) == 3
