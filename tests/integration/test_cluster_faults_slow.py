@@ -3,7 +3,8 @@ many ``kill -9`` trials at random moments of ``tx train``, and long runs whose m
 a 20,000-step ``tx train`` validating every 500 steps, ``emb transform`` and ``tx infer`` on large inputs.
 
 Sizes come from the environment so a cluster can run more: STATE_KILL_TRIALS (default 12),
-STATE_LONG_STEPS (default 20000), STATE_LONG_CELLS (cells of the generated inputs, default 300000).
+STATE_LONG_STEPS (default 20000), STATE_LONG_MODEL (default state: the tiny State model of
+the fast tests; or another ``model.name``), STATE_LONG_VAL_EVERY (default 500), STATE_LONG_CELLS (cells of the generated inputs, default 300000).
 Each test prints its counts and memory (run pytest with ``-s`` to see them). Memory is the resident
 set size (RSS): sampled at training steps for ``tx train``, and for the two commands (run as
 subprocesses, as a user would) polled from /proc/<pid>/status every 0.2 s; "after warm-up" means
@@ -104,11 +105,13 @@ def _mib(n_bytes: float) -> str:
 def test_long_training_keeps_memory_flat_and_metrics_complete(synth, tmp_path, monkeypatch):  # noqa: F811
     """20,000 steps (about 1,500 epochs of the tiny data), validation every 500: RSS flat, every row in metrics.csv."""
     steps = int(os.environ.get("STATE_LONG_STEPS", "20000"))
-    val_every = 500 if steps >= 5000 else max(steps // 40, 1)
+    val_every = int(os.environ.get("STATE_LONG_VAL_EVERY", 500 if steps >= 2000 else max(steps // 40, 1)))
     probe = RssProbe(every=max(steps // 200, 1))
     own = tx_run._callbacks
     monkeypatch.setattr(tx_run, "_callbacks", lambda *a: [*own(*a), probe])
-    args = train_args(synth, tmp_path, "long", steps=steps, val_freq=val_every, log_every=50)
+    model = os.environ.get("STATE_LONG_MODEL", "state")  # the tiny State model, or another model.name
+    args = train_args(synth, tmp_path, "long", steps=steps, val_freq=val_every, log_every=50,
+                      **({} if model == "state" else {"model": [f"model={model}"]}))
     started = time.monotonic()
     result = tx_run.train(compose_tx_config(args))
     wall = time.monotonic() - started
@@ -119,7 +122,7 @@ def test_long_training_keeps_memory_flat_and_metrics_complete(synth, tmp_path, m
         rows = list(csv.DictReader(fh))
     train_steps = sorted(int(r["step"]) for r in rows if r.get("train_loss"))
     val_steps = sorted(int(r["step"]) for r in rows if r.get("val_loss"))
-    print(f"\nlong tx train: {steps} steps in {wall:.0f} s, validation every {val_every}; RSS after warm-up "
+    print(f"\nlong tx train (model={model}): {steps} steps in {wall:.0f} s, validation every {val_every}; RSS after warm-up "
           f"(step {steps // 10}) {_mib(warm[0])}, at the end {_mib(warm[-1])}, max {_mib(max(warm))} "
           f"(growth {growth:.1%}); metrics.csv: {len(train_steps)} train rows, {len(val_steps)} validation rows")
     assert growth < 0.05
