@@ -1,8 +1,14 @@
-"""Issue #16, slow variants (``python -m pytest -m slow -p no:cacheprovider tests/integration/test_cluster_faults_slow.py``):
-many ``kill -9`` trials at random moments of ``tx train``, and a long run whose memory must stay flat.
+"""Issue #16, slow variants (``python -m pytest -m slow -s -p no:cacheprovider tests/integration/test_cluster_faults_slow.py``):
+many ``kill -9`` trials at random moments of ``tx train``, and long runs whose memory must stay flat:
+a 20,000-step ``tx train`` validating every 500 steps, ``emb transform`` and ``tx infer`` on large inputs.
 
 Sizes come from the environment so a cluster can run more: STATE_KILL_TRIALS (default 12),
-STATE_LONG_STEPS (default 20000). Each test prints its counts (run pytest with ``-s`` to see them).
+STATE_LONG_STEPS (default 20000), STATE_LONG_MODEL (default state: the tiny State model of
+the fast tests; or another ``model.name``), STATE_LONG_VAL_EVERY (default 500), STATE_LONG_CELLS (cells of the generated inputs, default 300000).
+Each test prints its counts and memory (run pytest with ``-s`` to see them). Memory is the resident
+set size (RSS): sampled at training steps for ``tx train``, and for the two commands (run as
+subprocesses, as a user would) polled from /proc/<pid>/status every 0.2 s; "after warm-up" means
+after the first 10% of the steps, or of the command's run time.
 """
 
 from __future__ import annotations
@@ -91,23 +97,139 @@ class RssProbe(pl.Callback):
             self.samples.append((trainer.global_step, pages * resource.getpagesize()))
 
 
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
 def test_long_training_keeps_memory_flat_and_metrics_complete(synth, tmp_path, monkeypatch):  # noqa: F811
+    """20,000 steps (about 1,500 epochs of the tiny data), validation every 500: RSS flat, every row in metrics.csv."""
     steps = int(os.environ.get("STATE_LONG_STEPS", "20000"))
-    probe = RssProbe(every=max(steps // 40, 1))
+    val_every = int(os.environ.get("STATE_LONG_VAL_EVERY", 500 if steps >= 2000 else max(steps // 40, 1)))
+    probe = RssProbe(every=max(steps // 200, 1))
     own = tx_run._callbacks
     monkeypatch.setattr(tx_run, "_callbacks", lambda *a: [*own(*a), probe])
-    args = train_args(synth, tmp_path, "long", steps=steps, val_freq=max(steps // 40, 1), log_every=50)
+    model = os.environ.get("STATE_LONG_MODEL", "state")  # the tiny State model, or another model.name
+    args = train_args(synth, tmp_path, "long", steps=steps, val_freq=val_every, log_every=50,
+                      **({} if model == "state" else {"model": [f"model={model}"]}))
+    started = time.monotonic()
     result = tx_run.train(compose_tx_config(args))
+    wall = time.monotonic() - started
     assert result.global_step == steps
     warm = [rss for step, rss in probe.samples if step >= steps // 10]
     growth = (max(warm) - warm[0]) / warm[0]
     with (result.run_dir / "version_0" / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    train_steps = sorted({int(r["step"]) for r in rows if r.get("train_loss")})
-    val_rows = [r for r in rows if r.get("val_loss")]
-    print(f"\nlong run: {steps} steps, RSS after warm-up {warm[0] / 2**20:.0f} MiB -> max {max(warm) / 2**20:.0f} MiB "
-          f"({growth:.1%}), {len(train_steps)} train rows, {len(val_rows)} validation rows")
+    train_steps = sorted(int(r["step"]) for r in rows if r.get("train_loss"))
+    val_steps = sorted(int(r["step"]) for r in rows if r.get("val_loss"))
+    print(f"\nlong tx train (model={model}): {steps} steps in {wall:.0f} s, validation every {val_every}; RSS after warm-up "
+          f"(step {steps // 10}) {_mib(warm[0])}, at the end {_mib(warm[-1])}, max {_mib(max(warm))} "
+          f"(growth {growth:.1%}); metrics.csv: {len(train_steps)} train rows, {len(val_steps)} validation rows")
     assert growth < 0.05
-    assert train_steps == list(range(49, steps, 50))
-    assert len(val_rows) == steps // max(steps // 40, 1)
+    assert train_steps == list(range(49, steps, 50))  # one row per logging interval, none lost or doubled
+    assert val_steps == list(range(val_every - 1, steps, val_every))  # every validation, at its step
+
+
+# ------------------------------------------------------------------ long commands on large inputs
+
+LONG_CELLS = int(os.environ.get("STATE_LONG_CELLS", "300000"))
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+
+
+class RssPoller:
+    """Polls a process's VmRSS (/proc/<pid>/status) every ``every_s`` seconds in a thread: (seconds, bytes)."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        import threading
+
+        self.pid, self.every_s, self.samples = pid, every_s, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.monotonic()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+            if kib:  # a zombie has no VmRSS
+                self.samples.append((time.monotonic() - self._start, kib * 1024))
+            self._done.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def report(self, warm_fraction: float = 0.1) -> dict[str, float]:
+        """RSS at the end of warm-up, at the end and at most afterwards, and the growth after warm-up."""
+        end = self.samples[-1][0]
+        after = [rss for t, rss in self.samples if t >= warm_fraction * end]
+        deciles = [next(rss for t, rss in self.samples if t >= k / 10 * end) for k in range(11)]
+        return {"wall_s": end, "warm": after[0], "end": after[-1], "max": max(after), "peak": max(r for _, r in self.samples),
+                "growth": (max(after) - after[0]) / after[0], "samples": len(self.samples),
+                "deciles": " ".join(f"{d / 2**20:.0f}" for d in deciles)}
+
+
+def _run_polled(args: list[str], cwd: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "state", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    poller = RssPoller(job.pid)
+    _, err = job.communicate(timeout=3600)
+    poller.stop()
+    assert job.returncode == 0, err[-3000:]
+    return poller.report()
+
+
+def _tiled(source: Path, n_cells: int, dest: Path, *, noise_seed: int = 0) -> Path:
+    """``source``'s cells repeated to ``n_cells`` (CSR X, obsm kept), with a little noise so no two rows are equal."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    small = ad.read_h5ad(source)
+    rows = np.resize(np.arange(small.n_obs), n_cells)
+    x = sp.csr_matrix(small.X)[rows].astype(np.float32)
+    rng = np.random.default_rng(noise_seed)
+    x.data = x.data * rng.uniform(0.9, 1.1, x.data.size).astype(np.float32)
+    big = ad.AnnData(X=x, obs=small.obs.iloc[rows].reset_index(drop=True), var=small.var.copy())
+    big.obs_names = [f"c{i}" for i in range(n_cells)]
+    for key, values in small.obsm.items():
+        big.obsm[key] = np.asarray(values)[rows] * rng.uniform(0.9, 1.1, (n_cells, 1)).astype(np.float32)
+    big.uns.update({k: v for k, v in small.uns.items() if k in ("log1p", "hvg")})
+    big.write_h5ad(dest)
+    return dest
+
+
+def _print_rss(what: str, n_cells: int, rss: dict[str, float], out: Path) -> None:
+    print(f"\nlong {what}: {n_cells} cells in {rss['wall_s']:.0f} s; RSS after warm-up {_mib(rss['warm'])}, "
+          f"at the end {_mib(rss['end'])}, max after warm-up {_mib(rss['max'])} (growth {rss['growth']:.1%}), "
+          f"peak {_mib(rss['peak'])}; {rss['samples']} samples; output {_mib(out.stat().st_size)}; "
+          f"RSS MiB at each tenth of the run: {rss['deciles']}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_long_emb_transform_streams_with_flat_memory(tmp_path):
+    model = FIXTURES / "emb" / "se_tiny" / "model"
+    big = _tiled(FIXTURES / "emb" / "se_tiny" / "input.h5ad", LONG_CELLS, tmp_path / "big.h5ad")
+    out = tmp_path / "embedded.h5ad"
+    rss = _run_polled(["--log-quiet", "emb", "transform", "--model-folder", str(model), "--input", str(big),
+                       "--output", str(out)], tmp_path)
+    _print_rss("emb transform", LONG_CELLS, rss, out)
+    assert rss["growth"] < 0.05
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_long_tx_infer_keeps_memory_flat(tmp_path):
+    """The input is read whole (as arc-state does) and the prediction array is allocated once: after that, flat."""
+    run = FIXTURES / "tx" / "state_llama" / "run"
+    big = _tiled(FIXTURES / "tx" / "state_llama" / "infer_input.h5ad", LONG_CELLS, tmp_path / "big.h5ad")
+    out = tmp_path / "simulated.h5ad"
+    rss = _run_polled(["--log-quiet", "tx", "infer", "--model-dir", str(run), "--adata", str(big), "--output", str(out),
+                       "--pert-col", "gene", "--embed-key", "X_hvg", "--seed", "42", "--quiet",
+                       "--unknown-as-control"], tmp_path)
+    _print_rss("tx infer", LONG_CELLS, rss, out)
+    assert rss["growth"] < 0.05
