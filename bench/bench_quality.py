@@ -273,9 +273,11 @@ def eval2_note(table: pd.DataFrame) -> str:
     scale = set(table.get("vcc_scale", pd.Series(dtype=str)).dropna())
     end = "a technical replicate" if scale == {"replicate"} else "a perfect prediction (no replicate anchor)"
     return ("vcc2026 columns: cell-eval2's scaled scores from `tx predict --scorer both --preset vcc2026` "
-            f"(0 = its mean-response baseline, 1 = {end}): `vcc_pds` pds_cosine, `vcc_mse` "
-            "expr_mse_unbiased_capped_norm, `vcc_de` de_wilcoxon_sig_jaccard, `vcc_mean` their mean (avg_score); "
-            "scored on predict's log1p values (input type lognorm), not the challenge's integer counts.")
+            f"(0 = its mean-response baseline, 1 = {end}), one per scored metric -- `vcc_pds` pds_cosine, "
+            "`vcc_mse` expr_mse_unbiased_capped_norm, `vcc_de_jaccard` de_wilcoxon_sig_jaccard, `vcc_de_lfc` "
+            "de_wilcoxon_lfc_nmae, `vcc_dir_fidelity` / `vcc_dir_reach` de_wilcoxon_direction_fidelity_yield_raw / "
+            "_reach_raw -- and `vcc_mean` their mean (cell-eval2's avg_score); scored on predict's log1p values "
+            "(input type lognorm), not the challenge's integer counts.")
 
 
 def rescore(root: Path, args) -> tuple[list[dict], tuple[float, float]]:
