@@ -71,6 +71,7 @@ NOTES = [  # about the measurement written to BENCHMARKS.md
     "baselines fit in one pass (1 step).",
 ]
 EVAL2_HINT = "pip install 'state[eval2]'"
+SECONDS_FILE = "bench_seconds.txt"  # train + predict wall seconds of a run, next to its run directory
 
 
 def make_task(root: Path, seed: int, task: str) -> tuple[Path, Path]:
@@ -135,10 +136,20 @@ def merged(*groups: list[str]) -> list[str]:
     return list(by_key.values())
 
 
+def finished(run_dir: Path, *, eval2: bool) -> bool:
+    eval_dir = run_dir / "eval_final.ckpt"
+    scored = any(f for f in eval_dir.glob("*_results.csv") if "_agg_" not in f.name)
+    return scored and (run_dir / SECONDS_FILE).is_file() and (not eval2 or (eval_dir / "cell_eval2_scores.csv").is_file())
+
+
 def run_one(root: Path, seed: int, task: str, label: str, overrides: list[str], steps: int, *,
-            threads: int, eval2: bool) -> dict:
+            threads: int, eval2: bool, reuse: bool = False) -> dict:
     toml, truth = make_task(root, seed, task)
     run_dir = root / f"seed{seed}" / task / label
+    if reuse and finished(run_dir, eval2=eval2):
+        seconds = float((run_dir / SECONDS_FILE).read_text())
+        return {**score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds, "reused": True}
+    start = time.perf_counter()
     env = bench_env(threads)
     train = [OURS, "tx", "train", f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg",
              "data.kwargs.output_space=gene", "data.kwargs.num_workers=0", "data.kwargs.control_pert=non-targeting",
@@ -155,7 +166,9 @@ def run_one(root: Path, seed: int, task: str, label: str, overrides: list[str], 
     log = logs / f"{task}_{label}_{seed}_predict.log"
     if run_cmd(predict, env=env, log_path=log).returncode and run_cmd(predict, env=env, log_path=log).returncode:
         raise SystemExit(f"predict failed: see {log}")
-    return score(run_dir, truth, seed=seed, task=task, label=label)
+    seconds = time.perf_counter() - start
+    (run_dir / SECONDS_FILE).write_text(f"{seconds:.1f}\n")
+    return {**score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds, "reused": False}
 
 
 def score(run_dir: Path, truth: Path, *, seed: int, task: str, label: str) -> dict:
@@ -187,7 +200,8 @@ def vcc_scores(eval_dir: Path) -> dict[str, float]:
 
 
 def plan(args) -> list[tuple[int, str, str, list[str], int]]:
-    """(seed, task, label, overrides, steps) of every run, slowest first so parallel jobs end together."""
+    """(seed, task, label, overrides, steps) of every run: task by task (the few-shot task first) and seed
+    by seed, so an interrupted run still has whole blocks; within a block the slowest first."""
     runs = []
     for seed in args.seeds:
         for task in args.tasks:
@@ -196,7 +210,8 @@ def plan(args) -> list[tuple[int, str, str, list[str], int]]:
                 overrides = merged(MODELS[name], args.extra if neural else [])
                 steps = (args.state_steps if name == "state" else args.steps) if neural else 1
                 runs.append((seed, task, args.label or name, overrides, steps))
-    return sorted(runs, key=lambda r: -r[4])
+    order = {task: i for i, task in enumerate(args.tasks)}
+    return sorted(runs, key=lambda r: (order[r[1]], r[0], -r[4]))
 
 
 def run_all(root: Path, args) -> tuple[list[dict], tuple[float, float]]:
@@ -210,7 +225,7 @@ def run_all(root: Path, args) -> tuple[list[dict], tuple[float, float]]:
 
     def one(run):
         seed, task, label, overrides, steps = run
-        row = run_one(root, seed, task, label, overrides, steps, threads=threads, eval2=eval2)
+        row = run_one(root, seed, task, label, overrides, steps, threads=threads, eval2=eval2, reuse=args.reuse)
         loads.append(os.getloadavg()[0])
         print(json.dumps(row), flush=True)
         return row
@@ -233,6 +248,8 @@ def main() -> None:
                         help="the issue's model=state sizes (hidden 128, 4 layers) on top of --extra")
     parser.add_argument("--label", default=None, help="table label for the (single) model with --extra")
     parser.add_argument("--jobs", type=int, default=2, choices=[1, 2], help="runs at once (2 cores in all)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score a run that an earlier (interrupted) invocation finished instead of redoing it")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--rescore", action="store_true",
                         help="no training: score every run directory already under bench/_work/quality")
@@ -252,7 +269,10 @@ def main() -> None:
             sink.write(json.dumps(row) + "\n")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     if not args.rescore:
-        print(f"wall time {wall / 60:.1f} min; 1-minute load average {load[0]:.1f}-{load[1]:.1f}")
+        reused = int(table.get("reused", pd.Series(dtype=bool)).sum())
+        print(f"wall time {wall / 60:.1f} min ({reused} runs reused); sum of run times "
+              f"{table['seconds'].sum() / 60:.1f} min over {args.jobs} jobs; "
+              f"1-minute load average {load[0]:.1f}-{load[1]:.1f}")
     if not args.no_write:
         write_section("quality", render(table, command=command_line(args), main_models=list(MODELS),
                                         row_notes=ROW_NOTES, notes=NOTES, eval2_note=eval2_note(table)))
@@ -273,9 +293,11 @@ def eval2_note(table: pd.DataFrame) -> str:
     scale = set(table.get("vcc_scale", pd.Series(dtype=str)).dropna())
     end = "a technical replicate" if scale == {"replicate"} else "a perfect prediction (no replicate anchor)"
     return ("vcc2026 columns: cell-eval2's scaled scores from `tx predict --scorer both --preset vcc2026` "
-            f"(0 = its mean-response baseline, 1 = {end}): `vcc_pds` pds_cosine, `vcc_mse` "
-            "expr_mse_unbiased_capped_norm, `vcc_de` de_wilcoxon_sig_jaccard, `vcc_mean` their mean (avg_score); "
-            "scored on predict's log1p values (input type lognorm), not the challenge's integer counts.")
+            f"(0 = its mean-response baseline, 1 = {end}), one per scored metric -- `vcc_pds` pds_cosine, "
+            "`vcc_mse` expr_mse_unbiased_capped_norm, `vcc_de_jaccard` de_wilcoxon_sig_jaccard, `vcc_de_lfc` "
+            "de_wilcoxon_lfc_nmae, `vcc_dir_fidelity` / `vcc_dir_reach` de_wilcoxon_direction_fidelity_yield_raw / "
+            "_reach_raw -- and `vcc_mean` their mean (cell-eval2's avg_score); scored on predict's log1p values "
+            "(input type lognorm), not the challenge's integer counts.")
 
 
 def rescore(root: Path, args) -> tuple[list[dict], tuple[float, float]]:

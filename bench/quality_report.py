@@ -10,10 +10,13 @@ import numpy as np
 import pandas as pd
 
 CELL_EVAL = ["pearson_delta", "discrimination_score_l1", "pr_auc", "mae"]
-VCC_SHORT = {  # cell-eval2 vcc2026 metric -> column name in the tables
+VCC_SHORT = {  # cell-eval2 vcc2026 scored metric -> column name in the tables
     "pds_cosine": "vcc_pds",
     "expr_mse_unbiased_capped_norm": "vcc_mse",
-    "de_wilcoxon_sig_jaccard": "vcc_de",
+    "de_wilcoxon_sig_jaccard": "vcc_de_jaccard",
+    "de_wilcoxon_lfc_nmae": "vcc_de_lfc",
+    "de_wilcoxon_direction_fidelity_yield_raw": "vcc_dir_fidelity",
+    "de_wilcoxon_direction_reach_raw": "vcc_dir_reach",
     "avg_score": "vcc_mean",
 }
 TARGET_TASK, TARGET_MODEL, BASE_MODEL = "fewshot", "state_plus", "perturb_mean"
@@ -39,8 +42,16 @@ def with_truth_scaled(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def columns(table: pd.DataFrame) -> list[str]:
-    vcc = [c for c in VCC_SHORT.values() if c in table]
+    vcc = ["vcc_mean"] if "vcc_mean" in table else []
     return ["truth_corr_model", "truth_scaled", *[m for m in CELL_EVAL if m in table], *vcc, "truth_corr_observed"]
+
+
+def vcc_section(rows: pd.DataFrame) -> list[str]:
+    vcc = [c for c in VCC_SHORT.values() if c in rows]
+    if not vcc:
+        return []
+    table = rows.groupby(["task", "model"], sort=True)[vcc].mean()
+    return ["vcc2026 scaled scores per metric (means over seeds):", "", markdown(table), ""]
 
 
 def per_seed_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -97,6 +108,7 @@ def render(table: pd.DataFrame, *, command: str, main_models: list[str], row_not
              "(the ceiling from data); `truth_scaled`: 0 = perturb_mean, 1 = observed. cell-eval columns: means "
              "over test perturbations (NaN-aware). " + eval2_note, "",
              "Means over seeds:", "", markdown(mean), "",
+             *vcc_section(main_rows),
              "Per seed:", "", markdown(per_seed_table(main_rows)), "",
              "Targets of issue #15 (few-shot task, state_plus against perturb_mean):", "",
              *(target_lines(table) or ["- (few-shot rows of state_plus and perturb_mean not measured)"]), "",

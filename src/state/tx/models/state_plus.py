@@ -18,6 +18,8 @@ checkpoints are unchanged):
 * ``residual_base``: ``elsewhere`` (the response above) or ``linear`` (the ``linear`` baseline's
   prediction of the response: a per-context intercept and gain applied to it), for both the
   residual and the feature.
+* ``linear_ridge``: the ridge of that linear fit (``model=linear``'s ``ridge``; larger shrinks the
+  per-context lines towards the plain response elsewhere).
 * ``set_mean_weight``: an MSE between the predicted and true set means (pseudo-bulk) next to the
   energy distance, closer to the metrics, which compare pseudo-bulk changes.
 * ``lr_schedule``: ``cosine`` (linear warm-up over ``warmup_fraction`` of ``training.max_steps``,
@@ -47,7 +49,7 @@ from state.utils.errors import StateError
 LINES_KEY = "state_plus_linear_lines"
 LINEAR_RIDGE = 0.1  # model=linear's default
 RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "linear",
-                   "set_mean_weight": 1.0,
+                   "linear_ridge": LINEAR_RIDGE, "set_mean_weight": 1.0,
                    "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1}
 
 
@@ -71,6 +73,7 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         self.response_features = bool(recipe["response_features"])
         self.residual_base = str(recipe["residual_base"])
         self.lines: dict[str, Any] = {}  # residual_base=linear: {context: [2, D] intercept, gain}
+        self.linear_ridge = float(recipe["linear_ridge"])
         self.set_mean_weight = float(recipe["set_mean_weight"])
         self.lr_schedule = str(recipe["lr_schedule"])
         self.warmup_fraction = float(recipe["warmup_fraction"])
@@ -113,7 +116,7 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if self.responses is None:  # a resumed run keeps the table of its checkpoint
             self.responses = MeanResponses.from_datamodule(datamodule, str(self.control_pert))
             if self.residual_base == "linear":
-                self.lines = fit_context_lines(self.responses, LINEAR_RIDGE)
+                self.lines = fit_context_lines(self.responses, self.linear_ridge)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
