@@ -38,7 +38,19 @@ DEMO_TOML = "examples/fewshot.toml"  # relative to the repository root, as the d
 
 
 def index(toml: Path | str, layout_dir: Path, *, cwd: Path | None = None) -> None:
-    """``state tx index`` of a TOML's files into ``layout_dir`` (re-run: the layout is rewritten)."""
+    """``state tx index`` of a TOML's files into ``layout_dir``, unless their layouts there are up to date
+    (a rewrite under a training that reads them would only waste time)."""
+    from state.tx.data import layout as layouts
+
+    columns = {"pert_col": "gene", "cell_type_key": "cell_type", "batch_col": "gem_group"}
+    here = Path.cwd()
+    try:
+        os.chdir(cwd or here)  # relative dataset paths are read from the working directory
+        sources = layouts.toml_sources(toml)
+        if all(layouts.layout_problem(s, layout_dir, keys=["X_hvg"], columns=columns) is None for s in sources):
+            return
+    finally:
+        os.chdir(here)
     cmd = [OURS, "tx", "index", "--toml", str(toml), "--keys", "X_hvg", "--layout-dir", str(layout_dir)]
     if run_cmd(cmd, env=bench_env(2), log_path=layout_dir.parent / "index.log", cwd=cwd).returncode:
         raise SystemExit(f"state tx index failed: see {layout_dir.parent / 'index.log'}")
@@ -48,14 +60,14 @@ def path_overrides(path: str, layout_dir: Path) -> list[str]:
     return PATHS[path] + ([f"data.kwargs.fast_loader_dir={layout_dir}"] if path == "fast" else [])
 
 
-def quality_rows(root: Path, seeds: list[int], models: list[str], steps: int) -> list[dict]:
+def quality_rows(root: Path, seeds: list[int], models: list[str], steps: int, loaders: list[str]) -> list[dict]:
     rows = []
     for seed in seeds:
         toml, _ = quality.make_task(root, seed, "fewshot")
         layout_dir = root / f"seed{seed}" / "layout"
         index(toml, layout_dir)
         for model in models:
-            for path in PATHS:
+            for path in loaders:
                 load = os.getloadavg()[0]
                 started = time.perf_counter()
                 row = quality.run_one(root, seed, "fewshot", f"{model}-{path}",
@@ -67,13 +79,13 @@ def quality_rows(root: Path, seeds: list[int], models: list[str], steps: int) ->
     return rows
 
 
-def demo_rows(root: Path, seeds: list[int]) -> list[dict]:
+def demo_rows(root: Path, seeds: list[int], loaders: list[str]) -> list[dict]:
     layout_dir = root / "demo" / "layout"
     layout_dir.parent.mkdir(parents=True, exist_ok=True)
     index(DEMO_TOML, layout_dir, cwd=ROOT)
     rows = []
     for seed in seeds:
-        for path in PATHS:
+        for path in loaders:
             name = f"demo-{path}-s{seed}"
             run_dir, logs = root / "demo" / name, root / "demo" / f"{name}"
             load, started = os.getloadavg()[0], time.perf_counter()
@@ -161,6 +173,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="*", default=["state_plus"], choices=["state_plus", "state"])
     parser.add_argument("--steps", type=int, default=300, help="training steps of the few-shot runs")
+    parser.add_argument("--loaders", nargs="+", default=list(PATHS), choices=list(PATHS),
+                        help="which loaders to train with (rows of earlier runs stay in results.jsonl)")
     parser.add_argument("--no-demo", action="store_true", help="skip the README demo runs")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--render-only", action="store_true",
@@ -169,9 +183,9 @@ def main() -> None:
     root = WORK / "loader_quality"
     root.mkdir(parents=True, exist_ok=True)
     if not args.render_only and args.models:
-        quality_rows(root, args.seeds, args.models, args.steps)
+        quality_rows(root, args.seeds, args.models, args.steps, args.loaders)
     if not args.render_only and not args.no_demo:
-        demo_rows(root, args.seeds)
+        demo_rows(root, args.seeds, args.loaders)
     table = recorded(root)
     print(summary(table).to_string())
     print(differences(table).to_string())
