@@ -153,13 +153,14 @@ def e2e_step_seconds(toml: Path, fast: str, steps: int, out: Path, env: dict) ->
     return json.loads(lines[-1])["step_seconds"]
 
 
-def e2e_rows(big_toml: Path, small_toml: Path, steps: int, reps: int) -> list[dict]:
+def e2e_rows(big_toml: Path, big_cells: int, small_toml: Path, steps: int, reps: int) -> list[dict]:
     """Median step time after the first two steps, runs of the three set-ups interleaved ``reps`` times."""
     out = WORK / "loader_e2e"
     out.mkdir(parents=True, exist_ok=True)
-    setups = (("1M file, cell-load path (cache off)", big_toml, "false", "0"),
-              ("1M file, ours", big_toml, "true", "0"),
-              ("50k file, cell-load path + our obsm cache", small_toml, "false", "2048"))
+    big = f"{big_cells:,}-cell file"
+    setups = ((f"{big}, cell-load path (cache off)", big_toml, "false", "0"),
+              (f"{big}, ours", big_toml, "true", "0"),
+              ("50,000-cell file, cell-load path + our obsm cache", small_toml, "false", "2048"))
     steady: dict[str, list[float]] = {label: [] for label, *_ in setups}
     for _ in range(reps):
         for label, toml, fast, cache in setups:
@@ -245,7 +246,7 @@ def main() -> None:
     e2e = []
     if args.e2e or args.e2e_only:
         small = write_dataset(WORK / "loader_50000" / "random", 50_000)
-        e2e = e2e_rows(tomls["random"], write_toml(WORK / "loader_50000" / "random.toml", small),
+        e2e = e2e_rows(tomls["random"], args.cells, write_toml(WORK / "loader_50000" / "random.toml", small),
                        args.e2e_steps, args.e2e_reps)
     body = markdown(args, index, rows, e2e)
     print(body)
