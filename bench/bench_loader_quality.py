@@ -32,6 +32,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as quality  # noqa: E402
 from common import OURS, ROOT, WORK, bench_env, run_cmd, write_section  # noqa: E402
+from quality_report import CELL_EVAL, markdown  # noqa: E402
 
 PATHS = {"cell-load": ["data.kwargs.fast_loader=false"], "fast": ["data.kwargs.fast_loader=true"]}
 DEMO_TOML = "examples/fewshot.toml"  # relative to the repository root, as the demo runs it
@@ -71,7 +72,8 @@ def quality_rows(root: Path, seeds: list[int], models: list[str], steps: int, lo
                 load = os.getloadavg()[0]
                 started = time.perf_counter()
                 row = quality.run_one(root, seed, "fewshot", f"{model}-{path}",
-                                      quality.MODELS[model] + path_overrides(path, layout_dir), steps)
+                                      quality.MODELS[model] + path_overrides(path, layout_dir), steps,
+                                      threads=2, eval2=False)
                 rows.append({**row, "model": model, "loader": path, "wall_s": time.perf_counter() - started,
                              "load": max(load, os.getloadavg()[0])})
                 record(root, rows[-1])
@@ -99,7 +101,7 @@ def demo_rows(root: Path, seeds: list[int], loaders: list[str]) -> list[dict]:
                                   if "_agg_" not in f.name])
             row = {"task": "demo", "seed": seed, "model": "state (demo)", "loader": path,
                    **{m: float(pd.to_numeric(per_pert[m], errors="coerce").mean())
-                      for m in quality.METRICS if m in per_pert},
+                      for m in CELL_EVAL if m in per_pert},
                    "wall_s": time.perf_counter() - started, "load": max(load, os.getloadavg()[0])}
             rows.append(row)
             record(root, row)
@@ -150,9 +152,9 @@ def render(table: pd.DataFrame) -> str:
         "vs true change, mean over test perturbations). Demo: `state tx train +experiment=demo` on the bundled "
         "example (no stored truth: cell-eval metrics only). `discrimination_score_l1` is cell-eval's PDS "
         "(higher is better; `mae`: lower is better).", "",
-        "Mean ± standard deviation over seeds:", "", quality.markdown(summary(table)), "",
+        "Mean ± standard deviation over seeds:", "", markdown(summary(table)), "",
         "Fast minus cell-load, paired by seed (mean ± standard deviation of the paired differences):", "",
-        quality.markdown(differences(table)), "", "Per seed:", "", quality.markdown(per_seed), ""])
+        markdown(differences(table)), "", "Per seed:", "", markdown(per_seed), ""])
 
 
 def record(root: Path, row: dict) -> None:
