@@ -203,7 +203,7 @@ def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]
         lines += ["", "Files larger than half the machine's memory were not page-cached: those rates include disk "
                   "reads."]
     if e2e:
-        lines += ["", "| end to end, `tx train model=state_sm`, 0 workers | steps/s (1 / median step time) "
+        lines += ([""] if rows else []) + ["| end to end, `tx train model=state_sm`, 0 workers | steps/s (1 / median step time) "
                   "| steps timed |", "|---|---|---|"]
         lines += [f"| {r['run']} | {r['steps_per_s']:.3f} | {r['steps']} |" for r in e2e]
     lines += ["", machine_line(1, tuple(__import__("os").getloadavg()[:2]))]
