@@ -298,6 +298,25 @@ def test_commands_read_read_only_models_and_inputs_and_write_nothing_next_to_the
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.h5ad"]
 
 
+def test_tx_predict_of_a_read_only_run_writes_only_its_eval_dir(synth, tmp_path):  # noqa: F811
+    """A run folder shared read-only: ``--eval-dir`` puts the results elsewhere; neither the run nor the
+    training data gains a file (the listings prove it, also as root)."""
+    assert cli_run(["tx", "train", *train_args(synth, tmp_path / "runs", "shared", steps=4)]) == 0
+    data_before = _listing(synth.parent)
+    ro_run = tmp_path / "ro" / "shared"
+    before = _read_only_copy(tmp_path / "runs" / "shared", ro_run)
+    out = tmp_path / "mine" / "eval"
+    try:
+        code = cli_run(["tx", "predict", "--output-dir", str(ro_run), "--checkpoint", "final.ckpt",
+                        "--eval-dir", str(out)])
+        after = _listing(ro_run)
+    finally:
+        _writable_again(tmp_path / "ro")
+    assert code == 0
+    assert after == before and _listing(synth.parent) == data_before
+    assert (out / "adata_pred.h5ad").is_file() and any(out.glob("*_results.csv"))
+
+
 # ------------------------------------------------------------------ emb fit: exact resume, SLURM requeue
 
 

@@ -61,6 +61,8 @@ def _add_predict(sub) -> None:
                "requires --predict-only")
     _bool_flag(p, "--baselines", help="also fit perturb_mean and linear on the run's training split and show "
                "them beside the model (table + baselines_comparison.png)")
+    p.add_argument("--eval-dir", "--eval_dir", default=None,
+                   help="folder for the results instead of <run>/eval_<checkpoint>/ (a run shared read-only)")
     p.set_defaults(handler="state.cli.tx_handlers:predict")
 
 

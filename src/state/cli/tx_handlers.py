@@ -47,6 +47,7 @@ def predict(args: argparse.Namespace) -> int:
         scorer=args.scorer,
         preset=args.preset,
         baselines=args.baselines,
+        eval_dir=args.eval_dir,
     )
     if result.metrics:
         from state.tx.predict.evaluate import format_summary

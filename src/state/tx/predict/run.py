@@ -182,6 +182,7 @@ def predict(
     scorer: str = "cell-eval",
     preset: str | None = None,
     baselines: bool = False,
+    eval_dir: str | Path | None = None,
 ) -> PredictResult:
     stream_adatas = check_stream_flags(predict_only=predict_only, skip_adatas=skip_adatas,
                                        stream_adatas=stream_adatas, pseudobulk=pseudobulk)
@@ -203,7 +204,7 @@ def predict(
     if test_time_finetune > 0:
         _test_time_finetune(model, loader, epochs=test_time_finetune, control=control)
     shared = data.get_shared_perturbations() if shared_only else None
-    eval_dir = output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
+    eval_dir = Path(eval_dir) if eval_dir else output_dir / f"{'eval_train_' if eval_train_data else 'eval_'}{ckpt.name}"
     data_kwargs = cfg["data"]["kwargs"]
     if stream_adatas:
         return _stream(model, loader, eval_dir, data_kwargs, keep_perts=shared, gene_names=rundir.read_genes(run_dir))
