@@ -125,6 +125,24 @@ def test_index_cli_writes_beside_the_files(tmp_path):
     assert (data.parent / (data.name + ".state_layout") / "meta.json").is_file()
 
 
+def test_index_cli_on_read_only_data_says_to_pass_a_layout_dir(tmp_path, monkeypatch, capsys):
+    """Root ignores permissions, so the refusal a read-only folder gives is raised where the layout is written."""
+    from state.cli import run as cli_run
+    from state.tx.data import layout
+
+    data = make_processed_dataset(tmp_path, n_cells=60, n_genes=20, n_hvgs=8, n_perts=3, seed=0)
+    toml = write_toml(tmp_path / "split.toml", dataset_name="d", data_path=data, kind="zeroshot")
+    target = str(data) + ".state_layout"
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", target)
+
+    monkeypatch.setattr(layout, "index_toml", refused)
+    assert cli_run(["tx", "index", "--toml", str(toml)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and target in err[0] and "--layout-dir" in err[0] and "fast_loader_dir" in err[0]
+
+
 def test_fast_loader_true_without_layout_is_one_error(tmp_path, synth):
     with pytest.raises(StateError, match="no layout"):
         _data_module(synth["toml"], tmp_path / "elsewhere")

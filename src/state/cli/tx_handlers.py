@@ -149,9 +149,15 @@ def stats(args: argparse.Namespace) -> int:
 
 def index(args: argparse.Namespace) -> int:
     from state.tx.data.layout import index_toml
+    from state.utils.errors import StateError
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
-    index_toml(args.toml, keys=keys, pert_col=args.pert_col, cell_type_key=args.cell_type_key,
-               batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir,
-               by_batch=args.by_batch)  # logs each layout
+    try:
+        index_toml(args.toml, keys=keys, pert_col=args.pert_col, cell_type_key=args.cell_type_key,
+                   batch_col=args.batch_col, seed=args.seed, layout_dir=args.layout_dir,
+                   by_batch=args.by_batch)  # logs each layout
+    except PermissionError as exc:  # data shared read-only: the layout can go elsewhere
+        raise StateError(f"cannot write the layout: {exc.filename}: permission denied",
+                         hint="pass --layout-dir <writable folder>, then train with "
+                         "data.kwargs.fast_loader_dir=<that folder>") from exc
     return 0
