@@ -171,11 +171,12 @@ def _pwrite_all(fd: int, rows: np.ndarray, offset: int) -> None:
 
 
 def _pread_all(fd: int, rows: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array ``rows`` from the file at byte ``offset`` (short reads continued)."""
     view = memoryview(rows).cast("B")
     while len(view):
         done = os.preadv(fd, [view], offset)
-        if done == 0:
-            raise OSError(f"unexpected end of layout file (fd {fd}) at byte {offset}")
+        if done <= 0:
+            raise OSError(f"short read from the layout (fd {fd}, offset {offset})")
         view, offset = view[done:], offset + done
 
 
@@ -278,13 +279,7 @@ def _pread_rows(fd: int, rows: np.ndarray, out: np.ndarray, base: int, positions
     breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(pos) != 1)) + 1
     for first, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
         at = int(pos[first])
-        target = memoryview(out[at:at + stop - first]).cast("B")
-        offset = base + int(rows[first]) * record
-        while len(target):
-            got = os.preadv(fd, [target], offset)
-            if got <= 0:
-                raise OSError(f"short read from the layout (fd {fd}, offset {offset})")
-            target, offset = target[got:], offset + got
+        _pread_all(fd, out[at:at + stop - first], base + int(rows[first]) * record)
 
 
 @dataclass
