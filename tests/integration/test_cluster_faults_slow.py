@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -37,10 +38,10 @@ pytestmark = pytest.mark.slow
 KILL_STEPS = 600  # validation and a checkpoint write every 5 steps: most of the run is steps, validations and writes
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+def _cli(args: list[str], cwd: Path, stderr: Any = subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "state", "--log-quiet", "tx", "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def _check_checkpoints_load(run_dir: Path) -> int:
@@ -59,12 +60,16 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(synth, t
     # fast or loaded the machine is.
     calibration = tmp_path / "calibration"
     started, first_write = time.monotonic(), None
-    whole = _cli(train_args(synth, calibration, "whole", steps=KILL_STEPS, val_freq=5), calibration.parent)
-    while whole.poll() is None:  # when training starts writing checkpoints: the end of start-up
-        if first_write is None and any((calibration / "whole" / "checkpoints").glob("*.ckpt")):
-            first_write = time.monotonic() - started
-        time.sleep(0.05)
-    assert whole.returncode == 0, whole.stderr.read()[-2000:]
+    err_log = tmp_path / "calibration.err"
+    with err_log.open("w") as err:  # a file, not a pipe: nobody reads while polling, so a pipe could fill
+        whole = _cli(train_args(synth, calibration, "whole", steps=KILL_STEPS, val_freq=5), calibration.parent,
+                     stderr=err)
+        while whole.poll() is None and time.monotonic() - started < 600:  # when checkpoints start: end of start-up
+            if first_write is None and any((calibration / "whole" / "checkpoints").glob("*.ckpt")):
+                first_write = time.monotonic() - started
+            time.sleep(0.05)
+    assert whole.wait(timeout=5) == 0, err_log.read_text()[-2000:]
+    err_log.unlink()
     wall = time.monotonic() - started
     first_write = first_write or 0.5 * wall
     shutil.rmtree(calibration)
