@@ -95,3 +95,27 @@ def test_se_tabular_loss_under_bf16_autocast_matches_float64():
     assert _relative_error(guarded, reference) < BOUND
     old_reference = SamplesLoss("energy")(pred.double().reshape(-1, 1, N_GENES), target.double().reshape(-1, 1, N_GENES))
     assert _relative_error(old_cell_term.mean(), old_reference.mean()) > 10 * BOUND
+
+
+def test_the_loss_runs_its_matmuls_at_highest_precision_and_restores_the_setting():
+    """Training's default "medium" means TF32 on NVIDIA GPUs; geomloss's distance matmul must not use it."""
+    seen = []
+    pred, target = torch.rand(1, 8, 5), torch.rand(1, 8, 5)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        original = torch.matmul
+
+        def spy(*args, **kwargs):
+            seen.append(torch.get_float32_matmul_precision())
+            return original(*args, **kwargs)
+
+        torch.matmul = spy
+        try:
+            CentredSamplesLoss("energy")(pred, target)
+        finally:
+            torch.matmul = original
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -5,8 +5,11 @@ small difference of large mean distances (2 E|X-Y| - E|X-X'| - E|Y-Y'|). Under b
 x.y matmul runs in bf16 (8 significant bits): on log1p expression over 2,000 genes (|x|^2 in the
 thousands) the loss comes out several percent wrong. Two guards fix it:
 
-* autocast is switched off and the inputs are cast to (at least) float32, so the matmul runs in
-  full precision whatever the Trainer's precision is;
+* autocast is switched off and the inputs are cast to (at least) float32, and float32 matmuls run
+  at "highest" precision inside the loss, so the matmul is full float32 whatever the Trainer's
+  precision and ``STATE_MATMUL_PRECISION`` are (training's default, "medium", means TF32 on NVIDIA
+  GPUs: 10 mantissa bits, the same hazard on a smaller scale; the loss's matmuls are a small share
+  of a step);
 * each pair of sets is shifted by its joint mean first. Pairwise distances, and so every kernel and
   transport cost, do not change, but |x|^2 shrinks from "norm of the expression" to "spread around
   the pair's mean", so far less cancels in float32 too.
@@ -22,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from geomloss import SamplesLoss
 
-__all__ = ["CentredSamplesLoss", "as_float32", "autocast_off"]
+__all__ = ["CentredSamplesLoss", "as_float32", "autocast_off", "ieee_float32_matmul"]
 
 
 @contextmanager
@@ -33,6 +36,20 @@ def autocast_off(device_type: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextmanager
+def ieee_float32_matmul() -> Iterator[None]:
+    """Float32 matmuls in full precision (no TF32 / bf16 passes) inside the block; restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def as_float32(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +64,7 @@ class CentredSamplesLoss(SamplesLoss):
     round-off; no parameters or buffers, so state dicts are unchanged."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        with autocast_off(x.device.type):
+        with autocast_off(x.device.type), ieee_float32_matmul():
             x, y = as_float32(x, y)
             # The loss is translation invariant, so the shift carries no gradient: detached.
             centre = (x.sum(-2, keepdim=True) + y.sum(-2, keepdim=True)).detach() / (x.shape[-2] + y.shape[-2])
