@@ -419,6 +419,14 @@ def loader(sizes: Sizes, work: Path) -> dict:
     return {"cells": sizes.loader_cells, "index_seconds": round(index_s, 1), "rows": rows}
 
 
+class _Interrupted(BaseException):
+    """SIGTERM (bench/gpu_smoke.sh's time limit): write what there is and stop; children are killed on the way."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Interrupted
+
+
 class StepClock:
     """Lightning callback: step timestamps, data wait between steps, optional sync-debug window."""
 
@@ -509,8 +517,9 @@ class StepClock:
         self.sites[(site, where)] += 1
 
 
-def _train_in_process(overrides: list[str], clock: StepClock) -> int:
-    """`state tx train` in this process with ``clock``'s callback added to the Trainer."""
+def _train_in_process(overrides: list[str], clock: StepClock, *, child: bool = False) -> int:
+    """`state tx train` in this process with ``clock``'s callback added to the Trainer; its exit code.
+    In the report process a run stopped by SIGTERM (the script's time limit) stops the script too."""
     import state.training.trainer as trainer_mod
     from state.__main__ import main as state_main
 
@@ -521,9 +530,12 @@ def _train_in_process(overrides: list[str], clock: StepClock) -> int:
 
     trainer_mod._layer_callbacks = with_clock
     try:
-        return state_main(["tx", "train", *overrides])
+        code = state_main(["tx", "train", *overrides])
     finally:
         trainer_mod._layer_callbacks = original
+    if code == 128 + signal.SIGTERM and not child:
+        raise _Interrupted  # the run took our SIGTERM (its preemption handler) and stopped: so do we
+    return code
 
 
 def _train_overrides(sizes: Sizes, toml: Path, work: Path, *, name: str, precision: str, batch: int, steps: int,
@@ -570,7 +582,8 @@ def sync(sizes: Sizes, work: Path) -> dict:
                                  steps=3 + sizes.sync_steps, workers=sizes.e2e_workers)
     code = _train_in_process(overrides, clock)
     sites = [{"op_site": site, "state_frame": where, "count": n} for (site, where), n in clock.sites.most_common()]
-    result = {"exit": code, "steps_checked": sizes.sync_steps, "sites": sites}
+    result = {"exit": code, "steps_checked": sizes.sync_steps, "sites": sites,
+              "limits": "syncs raised on the autograd engine's thread (backward) reach stderr, not this table"}
     if not cuda():
         result["note"] = "no CUDA device: the run went through, sync sites need torch.cuda.set_sync_debug_mode"
     return result
@@ -614,8 +627,8 @@ def sigterm(sizes: Sizes, work: Path) -> dict:
             "last_ckpt": last.is_file(), "log_tail": tail}
 
 
-def _group_members(pgid: int) -> int:
-    proc = subprocess.run(["ps", "-o", "pid=", "-g", str(pgid)], capture_output=True, text=True)
+def _group_members(sid: int) -> int:
+    proc = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True)
     return len(proc.stdout.split())
 
 
@@ -762,6 +775,7 @@ def run(args) -> int:
     results: dict = {}
     began = time.monotonic()
     failed = False
+    signal.signal(signal.SIGTERM, _on_sigterm)
     only = args.sections or list(SECTIONS)
     for name in SECTIONS:
         if name not in only:
@@ -773,6 +787,11 @@ def run(args) -> int:
             print(f"gpu_smoke: {name} ...", file=sys.stderr, flush=True)
             try:
                 results[name] = RUNNERS[name](sizes, work)
+            except _Interrupted:
+                results[name] = {"error": "interrupted by SIGTERM (time limit)", "seconds": time.monotonic() - start}
+                write_report(Path(args.report), render(results, header))
+                print(f"gpu_smoke: interrupted during {name}; report {args.report}", file=sys.stderr)
+                return 124
             except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others
                 failed = True
                 results[name] = {"error": f"{type(exc).__name__}: {exc}",
@@ -787,7 +806,7 @@ def run(args) -> int:
 def train_child(marker: str, overrides: list[str]) -> int:
     """Child of the sigterm section: train, writing ``marker`` once step 2 starts."""
     clock = StepClock(0, marker=Path(marker))
-    return _train_in_process(overrides, clock)
+    return _train_in_process(overrides, clock, child=True)
 
 
 def main(argv: list[str] | None = None) -> int:
