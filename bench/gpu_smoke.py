@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -373,11 +374,17 @@ def loss(sizes: Sizes, work: Path) -> dict:
 
 
 def _dataset(sizes: Sizes, work: Path) -> tuple[Path, float]:
-    """Loader benchmark files (bench/loader_data.py) + the layout of `state tx index`; seconds to index."""
+    """Loader benchmark files (bench/loader_data.py) + the layout of `state tx index`; seconds to index.
+    Written once per run (cached): the loader, e2e, sync and sigterm sections share them."""
+    return _dataset_of(sizes.loader_cells, work)
+
+
+@functools.cache
+def _dataset_of(n_cells: int, work: Path) -> tuple[Path, float]:
     from loader_data import write_dataset, write_toml
 
-    folder = write_dataset(work / f"loader_{sizes.loader_cells}", sizes.loader_cells)
-    toml = write_toml(work / f"loader_{sizes.loader_cells}.toml", folder)
+    folder = write_dataset(work / f"loader_{n_cells}", n_cells)
+    toml = write_toml(work / f"loader_{n_cells}.toml", folder)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "state", "tx", "index", "--toml", str(toml), "--keys", "X_hvg"],
                           capture_output=True, text=True, env=_child_env())
@@ -638,15 +645,13 @@ def _se_model(sizes: Sizes, work: Path) -> tuple[Path, list[str]]:
     from omegaconf import OmegaConf
 
     from state.emb.nn.model import SEArchitecture, StateEmbeddingNet
-    from state.io.safe_load import safe_torch_load
 
     folder = work / f"se_{sizes.se_shape['d_model']}x{sizes.se_shape['nlayers']}"
     genes = [f"GENE{i:05d}" for i in range(sizes.se_vocab)]
     if (folder / "model.ckpt").is_file():
         return folder, genes
     folder.mkdir(parents=True, exist_ok=True)
-    template = safe_torch_load(ROOT / "tests" / "data" / "fixtures" / "emb" / "se_tiny" / "model" / "last.ckpt")
-    cfg = OmegaConf.create(template["cfg_yaml"])
+    cfg = OmegaConf.load(ROOT / "tests" / "data" / "fixtures" / "emb" / "se_tiny" / "config.yaml")
     shape = sizes.se_shape
     cfg.model.update({"emsize": shape["d_model"], "d_hid": shape["d_hid"], "nhead": shape["nhead"],
                       "nlayers": shape["nlayers"], "output_dim": shape["output_dim"], "batch_size": sizes.se_batch,
