@@ -437,8 +437,8 @@ def _on_sigterm(signum, frame) -> None:
 class StepClock:
     """Lightning callback: step timestamps, data wait between steps, optional sync-debug window."""
 
-    def __init__(self, warmup: int, *, sync_from: int | None = None, marker: Path | None = None,
-                 sample_gpu: bool = False) -> None:
+    def __init__(self, warmup: int, *, total: int | None = None, sync_from: int | None = None,
+                 marker: Path | None = None, sample_gpu: bool = False) -> None:
         from lightning.pytorch import Callback
 
         clock = self
@@ -454,7 +454,7 @@ class StepClock:
                 clock.stop_sync_debug()
 
         self.callback = _Callback()
-        self.warmup, self.sync_from, self.marker = warmup, sync_from, marker
+        self.warmup, self.total, self.sync_from, self.marker = warmup, total, sync_from, marker
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.waits: list[float] = []
@@ -465,7 +465,7 @@ class StepClock:
 
     def batch_start(self, step: int) -> None:
         now = time.perf_counter()
-        if self.ends and len(self.starts) >= self.warmup:
+        if self.ends and len(self.starts) > self.warmup:  # gaps inside the measured window only
             self.waits.append(now - self.ends[-1])
         self.starts.append(now)
         if self.gpu is not None and len(self.starts) == self.warmup + 1:
@@ -476,17 +476,20 @@ class StepClock:
             self.marker.write_text("training\n")
 
     def batch_end(self, step: int) -> None:
+        if self.total is not None and len(self.ends) + 1 == self.total:
+            synchronize()  # the last step: wait for the GPU, so the wall time covers its work
+            if self.gpu is not None:
+                self.gpu.__exit__(None, None, None)
         self.ends.append(time.perf_counter())
 
     def summary(self) -> dict:
-        synchronize()
-        end = time.perf_counter()
+        """Over the steps after the warm-up, up to the end of the last step (not the run's teardown)."""
         if self.gpu is not None:
             self.gpu.__exit__(None, None, None)
         measured = self.starts[self.warmup:]
-        if len(measured) < 2:
+        if len(measured) < 2 or len(self.ends) < len(self.starts):
             return {"steps": len(self.starts)}
-        wall = end - measured[0]
+        wall = self.ends[-1] - measured[0]
         gpu = {"gpu_util_mean_pct": self.gpu.mean(), "gpu_util_source": self.gpu.source} if self.gpu else {}
         return {"steps_measured": len(measured), "steps_per_s": round(len(measured) / wall, 3),
                 "data_wait_fraction": round(sum(self.waits) / wall, 3), **gpu}
@@ -571,7 +574,7 @@ def e2e(sizes: Sizes, work: Path) -> dict:
     precisions = ("32-true", "bf16-mixed")
     for batch in sizes.e2e_batches:
         for precision in precisions:
-            clock = StepClock(sizes.e2e_warmup, sample_gpu=True)
+            clock = StepClock(sizes.e2e_warmup, total=sizes.e2e_warmup + sizes.e2e_steps, sample_gpu=True)
             overrides = _train_overrides(sizes, toml, work, name=f"e2e_{precision}_{batch}", precision=precision,
                                          batch=batch, steps=sizes.e2e_warmup + sizes.e2e_steps,
                                          workers=sizes.e2e_workers)
