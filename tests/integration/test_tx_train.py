@@ -284,9 +284,11 @@ def test_train_uses_arc_state_matmul_precision_and_restores_it(synth, tmp_path, 
     assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
 
 
-@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", None)])
-def test_adam_is_fused_unless_mixed_precision_with_gradient_clipping(synth, tmp_path, precision, fused):
-    """Lightning refuses to clip a fused optimizer's gradients under mixed precision; both must train."""
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", True)])
+def test_adam_is_fused_unless_a_grad_scaler_must_unscale_for_clipping(synth, tmp_path, precision, fused):
+    """16-mixed's GradScaler must unscale before clipping, which a fused step does not allow; bf16-mixed
+    has no scaler and clips a fused optimizer's gradients as 32-true does (16-mixed, which Lightning
+    turns into bf16-mixed on CPU: tests/unit/test_optimizer_choice.py)."""
     args = _train_args(synth, tmp_path, f"prec_{precision}", *TINY_STATE, steps=2)
     result = train(compose_tx_config([*args, f"training.precision={precision}", "training.gradient_clip_val=1.0"]))
     assert result.global_step == 2

@@ -100,7 +100,7 @@ def _key_paths(node, prefix=()):
 def test_group_choices_are_the_arc_state_ones_plus_extras():
     groups = config_groups()
     assert set(groups) == {"data", "model", "training", "wandb", "experiment"}  # experiment: our overlays
-    assert groups["experiment"] == ["demo"]
+    assert groups["experiment"] == ["demo", "gpu_node"]
     assert set(groups["model"]) == set(MODEL_NAMES) | EXTRA_MODELS
     assert set(groups["training"]) == TRAINING_CHOICES
     assert groups["data"] == ["default", "perturbation"]
@@ -139,6 +139,34 @@ def test_every_model_choice_composes_resolves_and_validates(choice, toml_file):
             validate_tx_config(cfg)
         cfg.model.kwargs.pretrained_path = "/weights"
     validate_tx_config(cfg)
+
+
+def _leaves(node, prefix=()):
+    if isinstance(node, dict):
+        return [leaf for key, value in node.items() for leaf in _leaves(value, (*prefix, str(key)))]
+    return [prefix]
+
+
+@pytest.mark.parametrize("choice", config_groups()["experiment"])
+def test_every_experiment_overlay_composes_validates_and_only_sets_known_keys(choice, toml_file):
+    """An overlay with a misspelt key would silently add it (the tree is open): every key must exist."""
+    base = OmegaConf.to_container(compose_tx_config([f"data.kwargs.toml_config_path={toml_file}"]))
+    cfg = compose_tx_config([f"+experiment={choice}"])
+    overlay = OmegaConf.to_container(OmegaConf.load(configs_dir() / "experiment" / f"{choice}.yaml"))
+    for path in _leaves(overlay):
+        node = base
+        for key in path[:-1]:
+            node = node[key]
+        assert path[-1] in node, ".".join(path)
+        assert OmegaConf.select(cfg, ".".join(path)) == OmegaConf.select(OmegaConf.create(overlay), ".".join(path))
+    validate_tx_config(compose_tx_config([f"+experiment={choice}", f"data.kwargs.toml_config_path={toml_file}"]))
+
+
+def test_gpu_node_overlay_is_bf16_with_the_fast_loader_required(toml_file):
+    cfg = compose_tx_config(["+experiment=gpu_node", "model=state_sm", f"data.kwargs.toml_config_path={toml_file}"])
+    assert cfg.training.precision == "bf16-mixed" and cfg.data.kwargs.fast_loader is True
+    assert cfg.data.kwargs.pin_memory is True and cfg.data.kwargs.num_workers >= 4
+    assert cfg.model.kwargs.hidden_dim == compose_tx_config(["model=state_sm"]).model.kwargs.hidden_dim  # recipe kept
 
 
 @pytest.mark.parametrize("choice", sorted(TRAINING_CHOICES))

@@ -116,7 +116,9 @@ class StateEmbeddingModel(L.LightningModule):
         depth = read_depth(targets.float()) if self.arch.rda else None  # [B]
         scores = self.net.decode_genes(cell, self.net.gene_embeddings(task_ids), depth, ds_emb)  # [B, G]
         loss_fn = self.train_loss_fn if training else self.val_loss_fn
-        result = {"loss": loss_fn(scores, targets.to(scores.dtype))}
+        # targets keep their own precision: under bf16-mixed, casting them to the scores' dtype would
+        # round the expression to 8 bits before a loss that works in float32 anyway.
+        result = {"loss": loss_fn(scores, targets)}
         if ds_token is not None and dataset_nums is not None:
             result["dataset_loss"] = dataset_loss(self.net.dataset_logits(ds_token), dataset_nums)
         result["avg_nonzero_genes"] = (filtered > 0).sum(dim=1).float().mean()

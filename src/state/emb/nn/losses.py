@@ -13,9 +13,11 @@ from torch import nn
 
 
 def _energy_loss(kernel: str = "energy", **kwargs) -> nn.Module:
-    from geomloss import SamplesLoss  # imported lazily: only training needs it
+    # float32 with autocast off and each pair centred: bf16 distances cancel (state.utils.loss_numerics).
+    # Imported lazily: only training needs geomloss.
+    from state.utils.loss_numerics import CentredSamplesLoss
 
-    return SamplesLoss(kernel, **kwargs)
+    return CentredSamplesLoss(kernel, **kwargs)
 
 
 def read_depth(targets: torch.Tensor) -> torch.Tensor:

@@ -167,8 +167,8 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         losses = super()._losses(batch, padded=padded)
         if self.set_mean_weight > 0 and self._last_preds is not None:
             preds = self._last_preds  # [B, S, D]
-            target = batch["pert_cell_emb"].reshape(preds.shape).to(preds)
-            losses["set_mean"] = nn.functional.mse_loss(preds.mean(dim=1), target.mean(dim=1))
+            target = batch["pert_cell_emb"].reshape(preds.shape).to(preds.device)  # not rounded to bf16
+            losses["set_mean"] = nn.functional.mse_loss(preds.float().mean(dim=1), target.float().mean(dim=1))
         self._set_mean_term = losses.get("set_mean")
         return losses
 

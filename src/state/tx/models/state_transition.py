@@ -203,7 +203,8 @@ class StateTransitionPerturbationModel(PerturbationModel):
         out = self.run(batch, padded=padded)
         preds = out.preds  # [B, S, D]
         n_sets, n_cells = preds.shape[:2]
-        target = batch["pert_cell_emb"].reshape(n_sets, n_cells, -1).to(preds)
+        # Only the device: under bf16-mixed preds are bf16 and the loss casts both to float32 itself.
+        target = batch["pert_cell_emb"].reshape(n_sets, n_cells, -1).to(preds.device)
         terms = self.loss_fn.components(preds, target)  # each [B]
         per_set = terms["total"]
         losses = {"main": per_set.nanmean(), "n_sets": torch.tensor(n_sets)}
@@ -217,7 +218,7 @@ class StateTransitionPerturbationModel(PerturbationModel):
                 # Train the decoder alone; now and then on true latents to anchor it.
                 latent = target if (self.training and random.random() < 0.1) else preds.detach()
             decoded = self.gene_decoder(latent)  # [B, S, G]
-            counts = batch["pert_cell_counts"].reshape(n_sets, n_cells, -1).to(decoded)
+            counts = batch["pert_cell_counts"].reshape(n_sets, n_cells, -1).to(decoded.device)
             losses["decoder"] = self.decoder_loss_fn(decoded, counts).mean()
 
         if out.batch_logits is not None and batch.get("batch") is not None:
@@ -233,7 +234,7 @@ class StateTransitionPerturbationModel(PerturbationModel):
             losses["actual"] = per_set.detach().nanmean()
 
         if self.regularization > 0 and preds.shape[-1] == self.input_dim:
-            basal = batch["ctrl_cell_emb"].reshape(n_sets, n_cells, -1).to(preds)
+            basal = batch["ctrl_cell_emb"].reshape(n_sets, n_cells, -1).to(preds.device)
             losses["l1"] = (preds - basal).abs().mean()
         return losses
 

@@ -14,15 +14,19 @@ so cell order inside a set does not matter.
 ``mmd_num_chunks > 1`` splits the feature axis into that many chunks, computes the loss per chunk
 and averages (ignoring NaNs); with ``randomize_mmd_chunks`` the features are shuffled into chunks
 afresh at every training step.
+
+Every term runs in float32 with autocast off, whatever the Trainer's precision (see
+:mod:`state.utils.loss_numerics`: under bf16 the distance matmul cancels badly); the geomloss terms
+also centre each pair of sets first, which leaves distances unchanged.
 """
 
 from __future__ import annotations
 
 import torch
-from geomloss import SamplesLoss
 from torch import nn
 
 from state.utils.errors import StateError
+from state.utils.loss_numerics import CentredSamplesLoss, as_float32, autocast_off
 
 LOSS_NAMES = ("energy", "sinkhorn", "se", "mse")
 
@@ -53,14 +57,14 @@ class SetLoss(nn.Module):
         self.num_chunks = max(int(num_chunks or 1), 1)
         self.randomize_chunks = bool(randomize_chunks)
         if self.kind == "energy":
-            self.terms = nn.ModuleDict({"total": SamplesLoss(loss=distributional_loss, blur=blur)})
+            self.terms = nn.ModuleDict({"total": CentredSamplesLoss(loss=distributional_loss, blur=blur)})
         elif self.kind == "sinkhorn":
-            self.terms = nn.ModuleDict({"total": SamplesLoss(loss="sinkhorn", blur=blur)})
+            self.terms = nn.ModuleDict({"total": CentredSamplesLoss(loss="sinkhorn", blur=blur)})
         elif self.kind == "se":
             self.terms = nn.ModuleDict(
                 {
-                    "sinkhorn": SamplesLoss(loss="sinkhorn", blur=blur),
-                    "energy": SamplesLoss(loss="energy", blur=blur),
+                    "sinkhorn": CentredSamplesLoss(loss="sinkhorn", blur=blur),
+                    "energy": CentredSamplesLoss(loss="energy", blur=blur),
                 }
             )
         elif self.kind == "mse":
@@ -79,7 +83,11 @@ class SetLoss(nn.Module):
         return values
 
     def components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All terms, each [B]; ``total`` is the objective."""
+        """All terms, each [B]; ``total`` is the objective (float32 or wider, autocast off)."""
+        with autocast_off(pred.device.type):
+            return self._components(*as_float32(pred, target))
+
+    def _components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.num_chunks == 1:
             return self._unchunked(pred, target)
         n_features = pred.shape[-1]
