@@ -235,6 +235,10 @@ def _fast_transfer_class(base: type) -> type:
 
     class StatePerturbationDataModule(base):
         def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            from state.tx.data.fast_batch import FastBatch
+
+            if isinstance(batch, FastBatch):  # the fast loader's: dense rows and one-hot columns made there
+                return batch.to_device(device)
             if isinstance(batch, dict):
                 from state.utils.device import batch_to_device
 

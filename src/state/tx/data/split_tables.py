@@ -27,6 +27,15 @@ class Vocabulary:
     table: torch.Tensor  # index -> vector
     hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
     buffers: ReusableBuffers = field(default_factory=ReusableBuffers)  # for the wide one-hot batches
+    devices: dict = field(default_factory=dict)  # device -> copy of table (the batch's columns are built there)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "devices": {}}
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.devices:
+            self.devices[device] = self.table.to(device)
+        return self.devices[device]
 
     @classmethod
     def from_map(cls, mapping: Any) -> Vocabulary:
