@@ -306,7 +306,13 @@ class Layout:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_maps"] = {}
+        state["order"] = None  # mapped again where it is read (8 bytes a cell, not pickled per worker)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.order is None:
+            self.order = np.load(self.path / "order.npy", mmap_mode="r")
 
     @property
     def n_cells(self) -> int:
@@ -340,9 +346,9 @@ class Layout:
         _pread_rows(self._fd("barcodes.npy"), rows, records, offset, positions)
 
     def batch_codes(self) -> np.ndarray:
-        """Batch code of every layout row (4 bytes a cell, loaded once per process)."""
-        if "batch" not in self._maps:
-            self._maps["batch"] = np.load(self.path / "batch.npy")
+        """Batch code of every layout row (4 bytes a cell, memory-mapped)."""
+        if "batch" not in self._maps:  # mapped: the processes of a node share the page cache
+            self._maps["batch"] = np.load(self.path / "batch.npy", mmap_mode="r")
         return self._maps["batch"]
 
     def _fd(self, name: str) -> int:
@@ -424,7 +430,7 @@ def open_layout(source: str | os.PathLike, layout_dir: str | os.PathLike | None 
     meta = json.loads((path / "meta.json").read_text())
     with np.load(path / "groups.npz") as table:
         groups = {k: table[k] for k in table.files}
-    return Layout(path=path, meta=meta, order=np.load(path / "order.npy"), groups=groups)
+    return Layout(path=path, meta=meta, order=np.load(path / "order.npy", mmap_mode="r"), groups=groups)
 
 
 def toml_sources(toml_path: str | os.PathLike) -> list[Path]:
