@@ -157,7 +157,12 @@ def test_workers_send_the_same_sparse_batches_through_their_slots(tmp_path):
     _, toml = _dataset(tmp_path)
     dm = _data_module(toml, tmp_path / "lay", embed_key=None, output_space="all", store_raw_basal=True)
     cpu = torch.device("cpu")
-    plain = [dm.transfer_batch_to_device(b, cpu, 0) for b in dm.train_dataloader()]
+    raw = list(dm.train_dataloader())
+    assert any(b.csr["pert_cell_emb"].take is not None for b in raw)  # short sets: redrawn rows sent as an index
+    plain = [dm.transfer_batch_to_device(b, cpu, 0) for b in raw]
+    for batch in plain:  # each batch row is its barcode's row of X
+        by_cell = dict(zip(batch["pert_cell_barcode"], batch["pert_cell_emb"]))
+        assert all(torch.equal(by_cell[c], row) for c, row in zip(batch["pert_cell_barcode"], batch["pert_cell_emb"]))
     dm.num_workers = 2
     loader = dm.train_dataloader()
     for _ in range(2):  # the second epoch reuses the slots (buffers sent by handle)

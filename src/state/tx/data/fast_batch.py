@@ -31,16 +31,18 @@ NAMES = {"pert_name": "pert", "cell_type": "cell_type", "batch_name": "batch"}
 
 
 class CsrRows(NamedTuple):
-    """Rows of a sparse matrix: ``indptr`` (n+1, int64), ``indices`` (int32), ``data`` (float32)."""
+    """Rows of a sparse matrix: ``indptr`` (m+1, int64), ``indices`` (int32), ``data`` (float32), and
+    ``take`` (int64): batch row -> one of the m rows (None: the m rows are the batch)."""
 
     indptr: torch.Tensor
     indices: torch.Tensor
     data: torch.Tensor
     n_cols: int
+    take: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.indptr) - 1, int(self.n_cols)
+        return (len(self.indptr) - 1 if self.take is None else len(self.take)), int(self.n_cols)
 
     def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense float32 rows (on ``device``; values of a repeated column add up, as to_dense())."""
@@ -48,11 +50,12 @@ class CsrRows(NamedTuple):
         indptr = self.indptr.to(device, non_blocking=True)
         indices = self.indices.to(device, non_blocking=True)
         data = self.data.to(device, non_blocking=True)
-        n = self.shape[0]
+        n = len(indptr) - 1
         rows = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1],
                                        output_size=len(data))
         out = torch.zeros((n, self.shape[1]), dtype=torch.float32, device=device)
-        return out.index_put_((rows, indices.long()), data, accumulate=True)
+        out.index_put_((rows, indices.long()), data, accumulate=True)
+        return out if self.take is None else out.index_select(0, self.take.to(device, non_blocking=True))
 
 
 class LazyStrings(Sequence):

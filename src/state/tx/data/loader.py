@@ -114,7 +114,7 @@ class LayoutSetDataset(Dataset):
         ``role``/indices (see :func:`_read_csr`)."""
         layout = self.tables[int(cell_file[0])].layout
         if layout.is_sparse(key):
-            return self._read_csr(key, rows, cell_file, slot, role)
+            return self._read_csr(key, rows, cell_file, dup, slot, role)
         width = int(layout.meta["matrices"][key])
         shape = (len(rows), width)
         out = self._slots.buffer(slot, role, shape) if slot >= 0 else batch_tensor(shape)
@@ -127,7 +127,17 @@ class LayoutSetDataset(Dataset):
             view[dup[0]] = view[dup[1]]
         return out
 
-    def _read_csr(self, key: str, rows: np.ndarray, cell_file: np.ndarray, slot: int, role: str) -> CsrHeader:
+    def _read_csr(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None, slot: int,
+                  role: str) -> CsrHeader:
+        """The distinct rows of the batch as CSR; redrawn rows of short sets (most rows, when groups are
+        much smaller than a set) go as a row index into them (``take``), resolved on the device."""
+        positions = self._read_positions(len(rows), dup)
+        take = None
+        if dup is not None:
+            take = np.full(len(rows), -1, np.int64)
+            take[positions] = np.arange(len(positions))
+            take[dup[0]] = take[dup[1]]
+        rows, cell_file = rows[positions], cell_file[positions]
         lengths = np.empty(len(rows), np.int64)
         files = np.unique(cell_file).tolist()
         for f in files:
@@ -144,7 +154,7 @@ class LayoutSetDataset(Dataset):
         for f in files:
             at = np.flatnonzero(cell_file == f)
             self.tables[f].layout.csr(key).read(rows[at], parts[0], parts[1].view(np.int32), indptr[at])
-        return CsrHeader(indptr, int(self.tables[int(cell_file[0])].layout.meta["matrices"][key]))
+        return CsrHeader(indptr, int(self.tables[int(cell_file[0])].layout.meta["matrices"][key]), take)
 
     def _codes(self, rows: np.ndarray, cell_file: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pert, ct, batch = (np.empty(len(rows), np.int64) for _ in range(3))
@@ -245,6 +255,7 @@ class CsrHeader(NamedTuple):
 
     indptr: np.ndarray
     n_cols: int
+    take: np.ndarray | None = None  # batch row -> CSR row (None: one CSR row per batch row)
 
 
 def finish_batch(batch: dict[str, Any], dataset: LayoutSetDataset) -> FastBatch:
@@ -253,8 +264,9 @@ def finish_batch(batch: dict[str, Any], dataset: LayoutSetDataset) -> FastBatch:
     for role in MATRIX_ROLES:
         value = batch.get(role)
         if isinstance(value, CsrHeader):
+            take = None if value.take is None else torch.from_numpy(value.take)
             csr[role] = CsrRows(torch.from_numpy(value.indptr), batch[f"{role}/indices"].view(torch.int32),
-                                batch[f"{role}/data"], value.n_cols)
+                                batch[f"{role}/data"], value.n_cols, take)
         elif value is not None:
             ready[role] = value
     for key in ("pert_cell_barcode", "ctrl_cell_barcode"):
