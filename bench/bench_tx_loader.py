@@ -203,10 +203,11 @@ def host_rows(toml: Path, baseline_src: str | None, compute_ms: int, batches: in
         r = measure_once(toml, 2, batches, "true", False, compute_ms=compute_ms, src=src)
         rows.append({"what": f"host ms per step in next(), {label}", **r})
         print(rows[-1], flush=True)
-    for w in (1, 4):
-        r = measure_once(toml, w, batches, "true", False, val=True)
-        rows.append({"what": f"memory, {w} worker(s), validation pass", **r})
-        print(rows[-1], flush=True)
+    for w, label, src in ((1, "this branch", None), (4, "this branch", None), (4, "baseline", baseline_src)):
+        if src or label == "this branch":
+            r = measure_once(toml, w, batches, "true", False, val=True, src=src)
+            rows.append({"what": f"memory, {w} worker(s) + a validation pass, {label}", **r})
+            print(rows[-1], flush=True)
     return rows
 
 

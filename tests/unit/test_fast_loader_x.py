@@ -172,3 +172,25 @@ def test_workers_send_the_same_sparse_batches_through_their_slots(tmp_path):
             for key in ("pert_cell_emb", "ctrl_cell_emb", "ctrl_cell_counts", "pert_emb"):
                 assert torch.equal(a[key], b[key]), key
             assert a["pert_cell_barcode"] == b["pert_cell_barcode"]
+
+
+def test_validation_runs_on_the_layout_in_order_with_every_cell_once(tmp_path):
+    from collections import Counter
+
+    from state.tx.data.loader import LayoutDataLoader
+
+    _, toml = _dataset(tmp_path)
+    dm = _data_module(toml, tmp_path / "lay", embed_key="X_hvg", output_space="all")
+    val = dm.val_dataloader()
+    assert isinstance(val, LayoutDataLoader)
+    first = [b["pert_cell_barcode"].tolist() for b in val]
+    assert first == [b["pert_cell_barcode"].tolist() for b in dm.val_dataloader()]  # no shuffling
+    val.sampler.set_epoch(3)
+    assert first == [b["pert_cell_barcode"].tolist() for b in val]
+    cells = Counter(c for batch in first for c in batch)
+    expected = {str(s.dataset.cell_barcodes[i]) for s in dm.val_datasets for i in s.indices}
+    assert set(cells) == expected  # every validation cell, nothing else
+    dm._state_fast_loader = FastLoaderChoice(False)
+    slow = Counter(g for b in dm.val_dataloader() for g in zip(b["cell_type"], b["pert_name"]))
+    fast = Counter(g for b in val for g in zip(b["cell_type"], b["pert_name"]))
+    assert fast == slow  # the same sets per group as cell-load's validation loader

@@ -46,6 +46,7 @@ class BatchSpec:
     windows: int
     batch_size: int
     drop_last: bool
+    shuffle: bool = True  # False: validation's order (every cell once, sets in group order)
 
 
 class LayoutSetDataset(Dataset):
@@ -76,7 +77,8 @@ class LayoutSetDataset(Dataset):
             s = self.spec
             self._plan = (epoch, epoch_plan(self.groups, set_len=s.set_len, windows=s.windows,
                                             batch_size=s.batch_size, seed=s.seed, epoch=epoch,
-                                            drop_last=s.drop_last, rank=self.rank, world_size=self.world_size))
+                                            drop_last=s.drop_last, rank=self.rank, world_size=self.world_size,
+                                            shuffle=s.shuffle))
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -225,7 +227,8 @@ class EpochBatchSampler(Sampler):
         self.dataset, self.epoch, self.skip = dataset, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        # validation keeps epoch 0's plan: the same sets and controls every time, so its losses compare
+        self.epoch = int(epoch) if self.dataset.spec.shuffle else 0
 
     def __len__(self) -> int:
         return self.dataset.plan(self.epoch).n_batches
@@ -364,12 +367,14 @@ def _trainer_progress(dm: Any) -> Callable[[], int]:
 
 
 def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], *,
-                      windows: int, seed: int, num_workers: int, prefetch_bytes: int = 256 * 2**20
-                      ) -> LayoutDataLoader:
+                      windows: int, seed: int, num_workers: int, prefetch_bytes: int = 256 * 2**20,
+                      shuffle: bool = True) -> LayoutDataLoader:
+    """The training loader (``shuffle=False``: validation's, same sampler in a fixed order, no resume state)."""
     rank, world = distributed_rank()
     spec = batch_spec(dm, windows, seed)
+    spec.shuffle = shuffle
     dataset = LayoutSetDataset(groups, tables, vocab, spec, rank=rank, world_size=world)
     prefetch = prefetch_batches(prefetch_bytes, num_workers, batch_bytes(spec, tables[0]))
     pin = torch.cuda.is_available() and bool(getattr(dm, "pin_memory", True))
-    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=pin, progress=_trainer_progress(dm),
-                            prefetch_factor=prefetch)
+    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=pin,
+                            progress=_trainer_progress(dm) if shuffle else None, prefetch_factor=prefetch)

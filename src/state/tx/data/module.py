@@ -255,6 +255,16 @@ def _fast_transfer_class(base: type) -> type:
                     return fast
             return super().train_dataloader(test=test)
 
+        def val_dataloader(self) -> Any:
+            choice = getattr(self, "_state_fast_loader", None)
+            if choice is not None and choice.use:
+                from state.tx.data import selection
+
+                fast = selection.eval_loader(self, choice)
+                if fast is not None:
+                    return fast
+            return super().val_dataloader()
+
         def _create_base_dataset(self, *args: Any, **kwargs: Any) -> Any:
             from state.tx.data import obsm_cache
 

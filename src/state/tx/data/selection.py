@@ -6,7 +6,8 @@ one line how to create it, unless there is none and every matrix fits the in-mem
 layout would gain little then); ``true`` requires it (an error names what is missing); ``false`` always
 uses cell-load. The layout serves ``embed_key`` null (cells from ``X``) and ``output_space=all``
 (targets from ``X``) too, when it holds ``X`` (``state tx index --keys X,...``). A truncated layout file
-is an error in every mode. Validation and test loaders are always cell-load's. Nothing of this reaches the files
+is an error in every mode. Validation runs on the same layout (:func:`eval_loader`: no shuffling, every
+cell once per epoch); the test loader (batches of one set, used by ``predict``) stays cell-load's. Nothing of this reaches the files
 arc-state reads (``data_module.torch`` holds cell-load's own fields only).
 """
 
@@ -185,3 +186,27 @@ def train_loader(dm: Any, choice: FastLoaderChoice) -> Any | None:
     groups, tables, vocab = dm._state_fast_groups
     return loader.fast_train_loader(dm, groups, tables, vocab, windows=choice.windows, seed=training_seed(dm),
                                     num_workers=int(dm.num_workers), prefetch_bytes=choice.prefetch_bytes)
+
+
+EVAL_WORKERS = 2  # validation sets are few: two workers keep up, more would only hold memory per rank
+
+
+def eval_loader(dm: Any, choice: FastLoaderChoice) -> Any | None:
+    """The fast validation DataLoader (cell-load's validation split, or its test split when there is no
+    validation, as cell-load does): the training sampler without shuffling, every cell once per epoch.
+    None: nothing to validate on, or the split cannot be mapped (cell-load's loader serves then)."""
+    from state.tx.data import loader, split_tables
+
+    subsets = dm.val_datasets or dm.test_datasets
+    if not subsets:
+        return None
+    if getattr(dm, "_state_fast_eval", None) is None:
+        try:
+            dm._state_fast_eval = split_tables.groups_from_data_module(dm, choice.layout_dir, subsets)
+        except LookupError as exc:
+            log.info("validation loader: cell-load (%s)", exc)
+            return None
+    groups, tables, vocab = dm._state_fast_eval
+    workers = min(int(dm.num_workers), EVAL_WORKERS)
+    return loader.fast_train_loader(dm, groups, tables, vocab, windows=choice.windows, seed=training_seed(dm),
+                                    num_workers=workers, prefetch_bytes=choice.prefetch_bytes, shuffle=False)

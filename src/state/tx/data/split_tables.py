@@ -108,15 +108,17 @@ def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> li
     return list(strategy.split_control_pool[split].get(ct, []))
 
 
-def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables], dict]:
-    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows."""
+def groups_from_data_module(dm: Any, layout_dir: Any = None, subsets: list | None = None
+                            ) -> tuple[Groups, list[FileTables], dict]:
+    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows
+    (``subsets``: another split's, e.g. ``dm.val_datasets``)."""
     use_batch = dm.basal_mapping_strategy == "batch"
     files: dict[str, int] = {}
     tables: list[FileTables] = []
     vocab = vocabularies(dm)
     positions: list[np.ndarray] = []
     rows, group_file, group_pool, pools, pool_ids = [], [], [], [], {}
-    for subset in dm.train_datasets:
+    for subset in dm.train_datasets if subsets is None else subsets:
         ds = subset.dataset
         key = str(ds.h5_path)
         if key not in files:
