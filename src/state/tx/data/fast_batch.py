@@ -74,7 +74,9 @@ class LazyStrings(Sequence):
         return item.decode("utf-8") if isinstance(item, bytes) else str(item)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.tolist())
+        # in chunks: a reader that stops early (Lightning's batch-size probe takes one item) makes few strings
+        for first in range(0, len(self.codes), 256):
+            yield from LazyStrings(self.codes[first:first + 256], self.values).tolist()
 
     def tolist(self) -> list[str]:
         if self.values is not None:

@@ -154,7 +154,13 @@ def decide(kw: Mapping[str, Any]) -> FastLoaderChoice:
         raise StateError(f"data.kwargs.fast_loader=true but {problems[0]}",
                          hint=f"run `{index_command(kw)}` or set data.kwargs.fast_loader=auto")
     if unsupported_settings(kw):
-        log.info("training loader: cell-load (the fast loader does not support %s)", "; ".join(problems))
+        try:
+            gain = layout_gain(layout.toml_sources(kw["toml_config_path"]), needed_keys(kw))
+        except StateError:
+            gain = None
+        say = _fallback if gain else log.info  # a warning only where the data is large and a GPU would wait
+        say("training loader: cell-load (the fast loader does not support %s%s)", "; ".join(problems),
+            f"; {gain}: drop the setting to train from the layout" if gain else "")
         return FastLoaderChoice(False)
     gain = layout_gain(sources, needed_keys(kw)) if all(p.startswith("no layout") for p in problems) else ""
     if gain is None:  # no layout, and none needed: cell-load's rows come from memory
