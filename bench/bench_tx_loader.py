@@ -48,6 +48,7 @@ PATHS = {"cell-load default (cache off)": ("false", False, "random"),
          "cell-load consecutive (sorted copy)": ("false", True, "grouped"),
          "ours (layout)": ("true", False, "random")}
 PATH_FLAGS = dict(zip(("default", "consecutive", "ours"), PATHS))  # --paths value -> table label
+SPACES = {"hvg": {}, "all": {"embed_key": None, "output_space": "all"}}  # --genes N: the shipped defaults
 
 
 def measure(args) -> None:
@@ -60,18 +61,29 @@ def measure(args) -> None:
 
     reuse_freed_memory()  # as `state tx train` does
 
-    kw = {**DATA_KW, "toml_config_path": args.toml, "num_workers": args.workers[0], "fast_loader": args.fast,
-          "use_consecutive_loading": args.consecutive}
+    kw = {**DATA_KW, **SPACES[args.space], "toml_config_path": args.toml, "num_workers": args.workers[0],
+          "fast_loader": args.fast, "use_consecutive_loading": args.consecutive}
     dm = build_data_module("PerturbationDataModule", kw, batch_size=BATCH, cell_sentence_len=SET_LEN)
     setup_data_module(dm)
     it = iter(dm.train_dataloader())
     for _ in range(3):
         next(it)
-    cells, start = 0, time.perf_counter()
+    cells, start, host = 0, time.perf_counter(), []
     for _ in range(args.batches):
-        cells += next(it)["pert_cell_emb"].shape[0]
+        if args.compute_ms:  # a stand-in model step: the workers get ahead, what is left is this process's work
+            time.sleep(args.compute_ms / 1000)
+        t0 = time.perf_counter()
+        batch = next(it)
+        host.append(time.perf_counter() - t0)
+        cells += len(batch["pert_name"])  # the loader's work only: our X rows stay sparse (dense on the device)
+        del batch
     seconds = time.perf_counter() - start
     workers = [w.pid for w in getattr(it, "_workers", [])]
+    if args.val:  # a validation pass with its own workers, alive beside the training ones
+        val_it = iter(dm.val_dataloader())
+        for _ in val_it:
+            pass
+        workers += [w.pid for w in getattr(val_it, "_workers", [])]
     pss = sum(proportional_mib(pid) for pid in [os.getpid(), *workers])  # shared pages counted once
     del it
     import gc
@@ -81,6 +93,7 @@ def measure(args) -> None:
     main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"cells_per_s": cells / seconds, "main_rss_mib": main_rss,
+                      "host_ms_median": 1000 * float(np.median(host)), "host_ms_p90": 1000 * float(np.percentile(host, 90)),
                       "worker_rss_mib": worker_rss if args.workers[0] else 0.0, "total_pss_mib": pss}))
 
 
@@ -108,10 +121,18 @@ def warm(files: list[Path]) -> bool:
     return True
 
 
-def measure_once(toml: Path, workers: int, batches: int, fast: str, consecutive: bool) -> dict:
+CHILD = {"space": "hvg"}  # --genes: the children read X (shipped defaults) instead of X_hvg
+
+
+def measure_once(toml: Path, workers: int, batches: int, fast: str, consecutive: bool, *, compute_ms: int = 0,
+                 val: bool = False, src: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--measure", "--toml", str(toml), "--workers", str(workers),
-           "--batches", str(batches), "--fast", fast] + (["--consecutive"] if consecutive else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(1), check=False)
+           "--batches", str(batches), "--fast", fast, "--space", CHILD["space"], "--compute-ms", str(compute_ms)]
+    cmd += (["--consecutive"] if consecutive else []) + (["--val"] if val else [])
+    env = bench_env(1)
+    if src:  # another checkout's package (the baseline of a before/after comparison)
+        env["PYTHONPATH"] = src
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,8 +192,35 @@ def e2e_rows(big_toml: Path, big_cells: int, small_toml: Path, steps: int, reps:
             for label, times in steady.items()]
 
 
-def index_layout(toml: Path) -> tuple[float, float]:
-    cmd = [OURS, "tx", "index", "--toml", str(toml), "--keys", "X_hvg"]
+def host_rows(toml: Path, baseline_src: str | None, compute_ms: int, batches: int) -> list[dict]:
+    """Main-process time per step in the loader (``next``) with a stand-in model step of ``compute_ms``
+    (2 workers get ahead of it), ours against a baseline checkout; and main + workers PSS with 1 and 4
+    workers, a validation pass included."""
+    rows = []
+    for label, src in (("this branch", None), ("baseline", baseline_src)):
+        if label == "baseline" and not src:
+            continue
+        r = measure_once(toml, 2, batches, "true", False, compute_ms=compute_ms, src=src)
+        rows.append({"what": f"host ms per step in next(), {label}", **r})
+        print(rows[-1], flush=True)
+    for w, label, src in ((1, "this branch", None), (4, "this branch", None), (4, "baseline", baseline_src)):
+        if src or label == "this branch":
+            r = measure_once(toml, w, batches, "true", False, val=True, src=src)
+            rows.append({"what": f"memory, {w} worker(s) + a validation pass, {label}", **r})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def host_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| measurement | host ms per step: median | p90 | cells/s | main + workers PSS (MiB) | main peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['host_ms_median']:.2f} | {r['host_ms_p90']:.2f} | {r['cells_per_s']:,.0f} | "
+              f"{r['total_pss_mib']:.0f} | {r['main_rss_mib']:.0f} |" for r in rows]
+    return lines
+
+
+def index_layout(toml: Path, keys: str = "X_hvg") -> tuple[float, float]:
+    cmd = [OURS, "tx", "index", "--toml", str(toml), "--keys", keys]
     run = run_cmd(cmd, env=bench_env(1))
     if run.returncode != 0:
         raise RuntimeError("state tx index failed")
@@ -191,6 +239,13 @@ def markdown(args, index: tuple[float, float], rows: list[dict], e2e: list[dict]
     lines = [f"Command: `python bench/bench_tx_loader.py --cells {args.cells}{loader_flags}{flags} --write-md`", "",
              f"Data: {args.cells:,} cells x 2,000 float32 X_hvg in {args.files} file(s), batch {BATCH} sets x "
              f"{SET_LEN} cells. `state tx index`: {index[0]:.0f} s, peak RSS {index[1]:.0f} MiB.", ""]
+    if args.genes:
+        lines[2] = (f"Data: {args.cells:,} cells, CSR X of {args.genes:,} genes with ~2,000 values per cell (plus a "
+                    f"2,000-wide X_hvg) in {args.files} file(s); loaders as the shipped defaults (embed_key null, "
+                    f"output_space all), batch {BATCH} sets x {SET_LEN} cells; ours delivers X as CSR parts (made "
+                    f"dense on the device), cell-load dense rows. `state tx index --keys X`: {index[0]:.0f} s, peak "
+                    f"RSS {index[1]:.0f} MiB.")
+        lines[0] = lines[0].replace(" --write-md", f" --genes {args.genes} --write-md")
     if rows:
         reps = len(rows[0]["rates"])
         lines += [f"| path | workers | batches timed | cells/s (median of {reps}) | range | main peak RSS (MiB) "
@@ -231,16 +286,33 @@ def main() -> None:
     parser.add_argument("--toml", help=argparse.SUPPRESS)
     parser.add_argument("--fast", default="false", help=argparse.SUPPRESS)
     parser.add_argument("--consecutive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--genes", type=int, help="full-gene data: X with this many genes (~2,000 values per "
+                        "cell), loaders read it as the shipped defaults do (embed_key null, output_space all)")
+    parser.add_argument("--host", action="store_true", help="instead of the loader table: main-process time per "
+                        "step and memory with 1 / 4 workers and a validation pass")
+    parser.add_argument("--baseline-src", help="with --host: src/ folder of the checkout to compare with")
+    parser.add_argument("--space", default="hvg", choices=list(SPACES), help=argparse.SUPPRESS)
+    parser.add_argument("--compute-ms", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--val", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         return measure(args)
-    root = WORK / f"loader_{args.cells}"
+    CHILD["space"] = "all" if args.genes else "hvg"
+    root = WORK / (f"loader_{args.cells}" + (f"_genes{args.genes}" if args.genes else ""))
     orders = ["random"] + (["grouped"] if "consecutive" in args.paths and not args.e2e_only else [])
-    folders = {order: write_dataset(root / order, args.cells, n_files=args.files, order=order, compress=args.compress)
-               for order in orders}
+    folders = {order: write_dataset(root / order, args.cells, n_files=args.files, order=order, compress=args.compress,
+                                    n_genes=args.genes) for order in orders}
     tomls = {order: write_toml(root / f"{order}.toml", folder) for order, folder in folders.items()}
-    index = index_layout(tomls["random"])
+    index = index_layout(tomls["random"], "X" if args.genes else "X_hvg")
     layout = root / "random"
+    if args.host:
+        warm(sorted(layout.glob("*.state_layout/*")))
+        body = "\n".join(host_markdown(host_rows(tomls["random"], args.baseline_src, 150, args.fast_batches)))
+        body += "\n\n" + machine_line(1, tuple(__import__("os").getloadavg()[:2]))
+        print(body)
+        if args.write_md:
+            write_section(args.section, body)
+        return None
     rows = [] if args.e2e_only else loader_rows(tomls, folders, layout, args.workers, args.batches, args.fast_batches,
                                                 args.paths, args.reps)
     e2e = []

@@ -107,3 +107,29 @@ def test_ddp_ranks_on_gloo_get_disjoint_sets(synth, tmp_path):
     assert len(sets[0]) == len(sets[1]) > 0
     full = [{c for s in rank_sets if len(set(s)) == 8 for c in s} for rank_sets in sets]
     assert full[0] and full[1] and not full[0] & full[1]
+
+
+def test_shipped_defaults_train_from_the_x_layout_and_a_truncated_one_stops_before_the_run(synth, tmp_path,
+                                                                                             monkeypatch):
+    """embed_key=null and output_space=all (configs/data/perturbation.yaml) read X from the layout."""
+    from state.utils.errors import StateError
+
+    lay = tmp_path / "lay"
+    folder = layouts.index_toml(synth["toml"], keys=["X"], pert_col="gene", cell_type_key="cell_type",
+                                batch_col="gem_group", layout_dir=lay)[0]
+    served: list = []
+    original = LayoutSetDataset.__getitem__
+    monkeypatch.setattr(LayoutSetDataset, "__getitem__", lambda self, i: served.append(i) or original(self, i))
+
+    def args(name: str) -> list[str]:
+        base = _args(synth, tmp_path, name, "true", 2)
+        base = [a for a in base if not a.startswith(("data.kwargs.embed_key", "data.kwargs.output_space"))]
+        return [*base, f"data.kwargs.fast_loader_dir={lay}"]
+
+    result = train(compose_tx_config(args("defaults")))
+    assert result.global_step == 2 and len(served) >= 2
+    with (folder / "X.indices.i32").open("r+b") as fh:
+        fh.truncate(8)
+    with pytest.raises(StateError, match="X.indices.i32 is truncated"):
+        train(compose_tx_config(args("cut")))
+    assert not (tmp_path / "cut").exists()  # nothing created

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -236,14 +237,14 @@ def test_draw_frequency_matches_cell_loads_expectation():
 
 def test_batch_has_cell_loads_keys_shapes_and_true_rows(synth):
     dm = _data_module(synth["toml"], synth["lay"], store_raw_basal=True)
-    fast = next(iter(dm.train_dataloader()))
+    fast = dm.transfer_batch_to_device(next(iter(dm.train_dataloader())), torch.device("cpu"), 0)
     slow = next(iter(_cell_load_loader(dm)))
     assert set(fast) == set(slow)
     for key, value in slow.items():
         if torch.is_tensor(value):
             assert fast[key].shape == value.shape and fast[key].dtype == value.dtype, key
         else:
-            assert isinstance(fast[key], list) and len(fast[key]) == len(value), key
+            assert isinstance(fast[key], Sequence) and len(fast[key]) == len(value), key  # str made when read
     with h5py.File(synth["data"], "r") as fh:
         hvg = fh["obsm/X_hvg"][:]
         names = [b.decode() for b in fh["obs/_index"][:]]

@@ -55,3 +55,17 @@ def test_stale_layout_is_always_reported(small, caplog, monkeypatch, tmp_path):
     finally:
         os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert len(hints) == 1 and "is stale" in hints[0]
+
+
+def test_full_gene_defaults_without_layout_warn_on_a_gpu_machine_with_the_x_command(small, caplog, monkeypatch):
+    """embed_key=null, output_space=all: X is never cached, so the layout always gains; a GPU would wait."""
+    import torch
+
+    monkeypatch.delenv("STATE_OBSM_CACHE_MB", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hints = _hints(small, caplog, embed_key=None, output_space="all")
+    assert len(hints) == 1 and "--keys X " in hints[0] and "reads X" in hints[0]
+    assert [r.levelno for r in caplog.records if "state tx index" in r.getMessage()] == [logging.WARNING]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _hints(small, caplog, embed_key=None, output_space="all")
+    assert [r.levelno for r in caplog.records if "state tx index" in r.getMessage()] == [logging.INFO]

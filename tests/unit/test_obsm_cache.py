@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,3 +39,17 @@ def test_cached_rows_equal_file_rows(tmp_path, monkeypatch):
 def test_budget_zero_keeps_cell_load_reads(tmp_path, monkeypatch):
     ds = _dataset(tmp_path, monkeypatch, "0")
     assert "_fetch_obsm_expression_batch" not in vars(ds)
+
+
+def test_matrix_is_ready_before_workers_fork_and_mapped_when_contiguous(tmp_path, monkeypatch):
+    import anndata as ad
+
+    ds = _dataset(tmp_path, monkeypatch, "64")
+    held = ds._fetch_obsm_expression_batch.cache.matrices
+    assert isinstance(held.get("X_hvg"), np.memmap)  # loaded at setup, in the process that forks the workers
+    packed = tmp_path / "packed.h5ad"
+    ad.read_h5ad(ds.h5_path).write_h5ad(packed, compression="gzip")  # chunked: not mapped, read whole instead
+    cache = obsm_cache.ObsmCache(SimpleNamespace(h5_path=packed))
+    cache.preload(["X_hvg"])
+    assert type(cache.matrices["X_hvg"]) is np.ndarray
+    np.testing.assert_array_equal(cache.matrices["X_hvg"], held["X_hvg"])

@@ -185,7 +185,8 @@ def _add_index(sub) -> None:
     p = sub.add_parser("index", help="write the fast training layout of every dataset a split TOML names")
     p.add_argument("--toml", required=True, help="split TOML; the layout of each of its h5/h5ad files is written")
     p.add_argument("--keys", default="X_hvg",
-                   help="comma-separated obsm matrices to copy: the embed_key, plus X_hvg when it is the target")
+                   help="comma-separated matrices to copy: obsm keys (the embed_key, X_hvg when it is the target) "
+                   "and X, the gene matrix (embed_key=null or output_space=all; kept sparse)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each group")
     _add_layout_columns(p, defaults=True)
     p.set_defaults(handler="state.cli.tx_handlers:index")

@@ -109,10 +109,22 @@ def storage_users(storage: torch.UntypedStorage) -> int | None:
 class SlotReleaser:
     """In the training process: frees a batch's slot once nothing but this object uses its storages."""
 
-    def __init__(self, board: SlotBoard) -> None:
-        self.board = board
+    def __init__(self, board: SlotBoard, *, page_lock: bool = False) -> None:
+        self.board, self.page_lock = board, page_lock
         self.mapped: dict[tuple[int, str], torch.UntypedStorage] = {}  # (slot, role) -> its one handle here
         self.pending: list[tuple[int, list[torch.UntypedStorage]]] = []  # slots handed out, not yet released
+
+    def _keep(self, key: tuple[int, str], storage: torch.UntypedStorage) -> None:
+        """Keep ``storage`` mapped; with ``page_lock`` it is registered with CUDA once (copies from it
+        to the GPU are then asynchronous DMA, with no pinned second copy of the batch)."""
+        old = self.mapped.get(key)
+        if old is not None and old.data_ptr() == storage.data_ptr():
+            return
+        if self.page_lock:
+            if old is not None:
+                _host_register(old, False)
+            _host_register(storage, True)
+        self.mapped[key] = storage
 
     def receive(self, slot: int, batch: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Turn the :class:`SlotTensor` entries of a batch that arrived in ``slot`` back into tensors on
@@ -123,8 +135,8 @@ class SlotReleaser:
             value = batch.get(role)
             if isinstance(value, SlotTensor):
                 batch[role] = torch.empty(0, dtype=torch.float32).set_(self.mapped[(slot, role)], 0, value.shape)
-            elif value is not None:
-                self.mapped[(slot, role)] = value.untyped_storage()
+            elif torch.is_tensor(value):
+                self._keep((slot, role), value.untyped_storage())
 
     def track(self, slot: int, roles: list[str]) -> None:
         """The batch of ``slot`` (its ``roles`` buffers) was handed to the consumer."""
@@ -146,6 +158,18 @@ class SlotReleaser:
             else:
                 busy.append((slot, storages))
         self.pending = busy
+
+
+def _host_register(storage: torch.UntypedStorage, register: bool) -> None:
+    """Page-lock (or release) a shared-memory buffer in place; nothing when CUDA refuses (copies stay
+    synchronous then, results are the same)."""
+    if storage.nbytes() == 0:
+        return
+    cudart = torch.cuda.cudart()
+    if register:
+        cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    else:
+        cudart.cudaHostUnregister(storage.data_ptr())
 
 
 class ReusableBuffers:

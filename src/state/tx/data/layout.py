@@ -12,8 +12,10 @@ h5/h5ad file of a split TOML (``<file>.state_layout/``), or under ``--layout-dir
 * ``groups.npz``: the group table: ``cell_type``, ``pert``, ``batch`` (codes of the file's obs
   categories; batch -1 unless sorted by batch) and ``start``/``stop`` (layout rows of the group's run);
 * ``batch.npy``: batch code per layout row; ``barcodes.npy``: obs names per layout row;
+* ``X.data.f32``/``X.indices.i32``/``X.indptr.i64`` when ``X`` is among the keys: the full gene
+  matrix as CSR in layout order (see :mod:`state.tx.data.layout_csr`);
 * ``meta.json``: source path, size and mtime (a changed source makes the layout stale), columns,
-  matrix widths, seed.
+  matrix widths, seed, and the size of every file (a truncated copy is refused before training).
 
 The source files are never changed and stay the source of truth: splits, categories and names are
 still read from them (by cell-load). The rewrite streams, in two sequential passes over the target
@@ -36,6 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from state.tx.data import layout_csr
 from state.tx.data.files import dataset_files, read_toml
 from state.utils.errors import StateError
 
@@ -232,6 +235,9 @@ def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, c
             inverse[order] = np.arange(len(order), dtype=np.int64)
             widths = {}
             for key in keys:
+                if key == "X":  # the full gene matrix: kept sparse (layout_csr.py)
+                    widths["X"], nnz = layout_csr.write_x(handle, tmp, order, inverse)
+                    continue
                 node = matrices[key] if matrices and key in matrices else _dense_matrix(handle, key)
                 if node.shape[0] != len(order):
                     raise StateError(f"obsm['{key}'] of {source} has {node.shape[0]} rows, obs has {len(order)}")
@@ -247,6 +253,9 @@ def write_layout(source: str | os.PathLike, *, keys: list[str], pert_col: str, c
                 "matrices": widths, "columns": {"pert_col": pert_col, "cell_type_key": cell_type_key,
                                                 "batch_col": batch_col}, "seed": int(seed),
                 "group_by": ["cell_type", "pert", "batch"] if by_batch else ["cell_type", "pert"]}
+        if "X" in widths:
+            meta["sparse"] = {"X": {"nnz": nnz}}
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}  # truncation check
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _swap_in(tmp, target)
     except BaseException:
@@ -297,7 +306,13 @@ class Layout:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_maps"] = {}
+        state["order"] = None  # mapped again where it is read (8 bytes a cell, not pickled per worker)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.order is None:
+            self.order = np.load(self.path / "order.npy", mmap_mode="r")
 
     @property
     def n_cells(self) -> int:
@@ -331,9 +346,9 @@ class Layout:
         _pread_rows(self._fd("barcodes.npy"), rows, records, offset, positions)
 
     def batch_codes(self) -> np.ndarray:
-        """Batch code of every layout row (4 bytes a cell, loaded once per process)."""
-        if "batch" not in self._maps:
-            self._maps["batch"] = np.load(self.path / "batch.npy")
+        """Batch code of every layout row (4 bytes a cell, memory-mapped)."""
+        if "batch" not in self._maps:  # mapped: the processes of a node share the page cache
+            self._maps["batch"] = np.load(self.path / "batch.npy", mmap_mode="r")
         return self._maps["batch"]
 
     def _fd(self, name: str) -> int:
@@ -342,6 +357,15 @@ class Layout:
             cached = (os.getpid(), os.open(self.path / name, os.O_RDONLY))
             self._maps[("fd", name)] = cached
         return cached[1]
+
+    def csr(self, key: str) -> layout_csr.CsrReader:
+        """Reader of a sparse matrix (``X``) of the layout."""
+        if ("csr", key) not in self._maps:
+            self._maps[("csr", key)] = layout_csr.CsrReader(self.path)
+        return self._maps[("csr", key)]
+
+    def is_sparse(self, key: str) -> bool:
+        return key in self.meta.get("sparse", {})
 
     def matrix(self, key: str) -> np.ndarray:
         if key not in self._maps:
@@ -365,9 +389,39 @@ def layout_problem(source: str | os.PathLike, layout_dir: str | os.PathLike | No
         return f"layout {path} is stale ({source} changed since it was written)"
     missing = [k for k in keys if k not in meta.get("matrices", {})]
     if missing:
-        return f"layout {path} lacks obsm key(s) {', '.join(missing)}"
+        what = ", ".join("the gene matrix X" if k == "X" else f"obsm key {k}" for k in missing)
+        return f"layout {path} lacks {what}"
     if meta.get("columns") != columns:
         return f"layout {path} was sorted by columns {meta.get('columns')}, training uses {columns}"
+    return None
+
+
+def matrix_keys(kw: Mapping[str, object]) -> tuple[str, str | None, str | None]:
+    """(input matrix, pert_cell_counts matrix, ctrl_cell_counts matrix) cell-load reads for these settings
+    ("X" is the gene matrix; None: no such batch entry)."""
+    embed_key, space = str(kw.get("embed_key") or "") or None, kw.get("output_space", "gene")
+    counts = {"gene": "X_hvg", "all": "X"}.get(str(space))
+    # cell-load's store_raw_expression: an embedding input whose target is another matrix
+    pert_counts = counts if embed_key and ((embed_key != "X_hvg" and space == "gene") or space == "all") else None
+    ctrl_counts = counts if kw.get("store_raw_basal") else None
+    return embed_key or "X", pert_counts, ctrl_counts
+
+
+def truncated_file(source: str | os.PathLike, layout_dir: str | os.PathLike | None) -> str | None:
+    """The first file of the layout of ``source`` whose size differs from what its meta says (None: all
+    complete, or no layout). A copy cut short (full disk, interrupted rsync) would fail mid-run."""
+    path = layout_path(source, layout_dir)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None if not (path / "meta.json").exists() else str(path / "meta.json")
+    expected = dict(meta.get("files") or {})
+    if not expected:  # layouts written before sizes were recorded: the raw matrices' sizes follow from meta
+        expected = {f"{k}.f32": int(meta["n_cells"]) * int(w) * 4 for k, w in meta.get("matrices", {}).items()}
+    for name, size in sorted(expected.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size != int(size):
+            return str(file)
     return None
 
 
@@ -376,7 +430,7 @@ def open_layout(source: str | os.PathLike, layout_dir: str | os.PathLike | None 
     meta = json.loads((path / "meta.json").read_text())
     with np.load(path / "groups.npz") as table:
         groups = {k: table[k] for k in table.files}
-    return Layout(path=path, meta=meta, order=np.load(path / "order.npy"), groups=groups)
+    return Layout(path=path, meta=meta, order=np.load(path / "order.npy", mmap_mode="r"), groups=groups)
 
 
 def toml_sources(toml_path: str | os.PathLike) -> list[Path]:

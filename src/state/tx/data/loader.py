@@ -4,10 +4,12 @@ cell-load still decides everything about the split (which cells train, which con
 be paired with): after ``setup()`` its training subsets and its mapping strategy's control pools are
 read out and translated to layout rows (:mod:`state.tx.data.split_tables`). Batches are then built by
 worker processes as arrays: the rows of each set are read run by run from the layout file straight
-into a shared-memory buffer the worker reuses once the trainer is done with it (batch_slots.py); names,
-barcodes and the one-hot columns travel as codes and byte arrays and are expanded in the consuming
-process, so no per-cell Python object crosses between processes. The batch has exactly the keys,
-shapes and dtypes of cell-load's collate for the same settings.
+into a shared-memory buffer the worker reuses once the trainer is done with it (batch_slots.py); rows
+of ``X`` go as CSR parts. Names, barcodes and the one-hot columns travel as codes and byte arrays; the
+training process wraps it all in a :class:`~state.tx.data.fast_batch.FastBatch`, which becomes
+cell-load's batch on the device (dense X rows, one-hot columns built there) and makes strings only
+where something reads them. The batch has exactly the keys, shapes and dtypes of cell-load's collate
+for the same settings.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from state.tx.data.batch_slots import SLOT_KEY, SlotBoard, SlotReleaser, WorkerSlots, batch_tensor
+from state.tx.data.fast_batch import CsrRows, FastBatch, LazyStrings
+from state.tx.data.layout import matrix_keys
 from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
 from state.tx.data.split_tables import FileTables, Vocabulary
 
@@ -42,6 +46,7 @@ class BatchSpec:
     windows: int
     batch_size: int
     drop_last: bool
+    shuffle: bool = True  # False: validation's order (every cell once, sets in group order)
 
 
 class LayoutSetDataset(Dataset):
@@ -72,7 +77,8 @@ class LayoutSetDataset(Dataset):
             s = self.spec
             self._plan = (epoch, epoch_plan(self.groups, set_len=s.set_len, windows=s.windows,
                                             batch_size=s.batch_size, seed=s.seed, epoch=epoch,
-                                            drop_last=s.drop_last, rank=self.rank, world_size=self.world_size))
+                                            drop_last=s.drop_last, rank=self.rank, world_size=self.world_size,
+                                            shuffle=s.shuffle))
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -103,10 +109,15 @@ class LayoutSetDataset(Dataset):
         return np.flatnonzero(keep)
 
     def _read(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None, slot: int,
-              role: str) -> torch.Tensor:
+              role: str) -> torch.Tensor | CsrHeader:
         """Rows of matrix ``key`` into one batch buffer (the slot's buffer for ``role`` when there is a
-        slot): file reads for the distinct rows, then in-memory copies for the redrawn rows of short sets."""
-        width = int(self.tables[int(cell_file[0])].layout.meta["matrices"][key])
+        slot): file reads for the distinct rows, then in-memory copies for the redrawn rows of short sets.
+        A sparse matrix (``X``) goes as CSR parts: the header here, values and genes in ``role``/data and
+        ``role``/indices (see :func:`_read_csr`)."""
+        layout = self.tables[int(cell_file[0])].layout
+        if layout.is_sparse(key):
+            return self._read_csr(key, rows, cell_file, dup, slot, role)
+        width = int(layout.meta["matrices"][key])
         shape = (len(rows), width)
         out = self._slots.buffer(slot, role, shape) if slot >= 0 else batch_tensor(shape)
         view = out.numpy()
@@ -117,6 +128,35 @@ class LayoutSetDataset(Dataset):
         if dup is not None:
             view[dup[0]] = view[dup[1]]
         return out
+
+    def _read_csr(self, key: str, rows: np.ndarray, cell_file: np.ndarray, dup: tuple | None, slot: int,
+                  role: str) -> CsrHeader:
+        """The distinct rows of the batch as CSR; redrawn rows of short sets (most rows, when groups are
+        much smaller than a set) go as a row index into them (``take``), resolved on the device."""
+        positions = self._read_positions(len(rows), dup)
+        take = None
+        if dup is not None:
+            take = np.full(len(rows), -1, np.int64)
+            take[positions] = np.arange(len(positions))
+            take[dup[0]] = take[dup[1]]
+        rows, cell_file = rows[positions], cell_file[positions]
+        lengths = np.empty(len(rows), np.int64)
+        files = np.unique(cell_file).tolist()
+        for f in files:
+            at = np.flatnonzero(cell_file == f)
+            lengths[at] = self.tables[f].layout.csr(key).lengths(rows[at])
+        indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        nnz = int(indptr[-1])
+        parts = []
+        for part in ("data", "indices"):  # both 4-byte: the slot buffers are float32, indices viewed as int32
+            name = f"{role}/{part}"
+            tensor = self._slots.buffer(slot, name, (nnz,)) if slot >= 0 else batch_tensor((nnz,))
+            self._pending[name] = tensor
+            parts.append(tensor.numpy())
+        for f in files:
+            at = np.flatnonzero(cell_file == f)
+            self.tables[f].layout.csr(key).read(rows[at], parts[0], parts[1].view(np.int32), indptr[at])
+        return CsrHeader(indptr, int(self.tables[int(cell_file[0])].layout.meta["matrices"][key]), take)
 
     def _codes(self, rows: np.ndarray, cell_file: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pert, ct, batch = (np.empty(len(rows), np.int64) for _ in range(3))
@@ -134,15 +174,14 @@ class LayoutSetDataset(Dataset):
                   dup: tuple | None, slot: int) -> dict[str, Any]:
         s = self.spec
         pert, ct, batch = self._codes(pert_rows, cell_file)
-
+        self._pending = {}  # CSR value buffers of this batch (role/data, role/indices)
         batch_dict: dict[str, Any] = {
             "pert_cell_emb": self._read(s.embed_key, pert_rows, cell_file, dup, slot, "pert_cell_emb"),
             "ctrl_cell_emb": self._read(s.embed_key, ctrl_rows, cell_file, None, slot, "ctrl_cell_emb"),
-            # The vector columns (a 2,000-wide one-hot per cell for pert_emb) and the name lists are
-            # made in the process that consumes the batch (see finish_batch): passing codes between
-            # processes is far cheaper than passing vectors or pickling thousands of strings.
-            VECTOR_CODES: (pert, ct, batch),  # numpy: pickled inline (a tensor would cost a shared segment)
-            "pert_name": pert, "cell_type": ct, "batch_name": batch, "dataset_name": cell_file,
+            # Per cell only codes cross to the training process: the vector columns (a 2,000-wide
+            # one-hot per cell for pert_emb) are gathered on the device, names made when read (fast_batch.py).
+            CODES: {"pert": pert, "cell_type": ct, "batch": batch},  # numpy: pickled inline
+            DATASET: cell_file,
         }
         if s.pert_counts_key:
             batch_dict["pert_cell_counts"] = self._read(s.pert_counts_key, pert_rows, cell_file, dup, slot,
@@ -150,9 +189,10 @@ class LayoutSetDataset(Dataset):
         if s.ctrl_counts_key:
             batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file, None, slot,
                                                         "ctrl_cell_counts")
+        batch_dict.update(self._pending)
         if slot >= 0:  # buffers the trainer already has go as handles
             for role in SLOT_ROLES:
-                if role in batch_dict:
+                if torch.is_tensor(batch_dict.get(role)):
                     batch_dict[role] = self._slots.outgoing(slot, role, batch_dict[role])
         if s.barcodes:
             batch_dict["pert_cell_barcode"] = self._barcodes(pert_rows, cell_file, dup)
@@ -187,7 +227,8 @@ class EpochBatchSampler(Sampler):
         self.dataset, self.epoch, self.skip = dataset, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        # validation keeps epoch 0's plan: the same sets and controls every time, so its losses compare
+        self.epoch = int(epoch) if self.dataset.spec.shuffle else 0
 
     def __len__(self) -> int:
         return self.dataset.plan(self.epoch).n_batches
@@ -207,40 +248,34 @@ def _quiet_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-VECTOR_CODES = "_state_vector_codes"
-SLOT_ROLES = ("pert_cell_emb", "ctrl_cell_emb", "pert_cell_counts", "ctrl_cell_counts")  # batch entries in slots
+CODES, DATASET = "_state_codes", "_state_dataset"  # per-cell vocabulary rows, file of each cell
+MATRIX_ROLES = ("pert_cell_emb", "ctrl_cell_emb", "pert_cell_counts", "ctrl_cell_counts")
+SLOT_ROLES = (*MATRIX_ROLES, *(f"{r}/{p}" for r in MATRIX_ROLES for p in ("data", "indices")))  # in slots
 
 
-def _decoded(barcodes: np.ndarray) -> list[str]:
-    try:
-        return barcodes.astype(str).tolist()  # ASCII, the usual case: one vectorised conversion
-    except UnicodeDecodeError:
-        return np.char.decode(barcodes, "utf-8").astype(object).tolist()
+class CsrHeader(NamedTuple):
+    """A sparse batch matrix: row pointers (values and genes travel in the ``/data`` and ``/indices`` slots)."""
+
+    indptr: np.ndarray
+    n_cols: int
+    take: np.ndarray | None = None  # batch row -> CSR row (None: one CSR row per batch row)
 
 
-def finish_batch(batch: dict[str, Any], dataset: LayoutSetDataset, pin: bool = False) -> dict[str, Any]:
-    """cell-load's batch from the codes a worker sent: the vector columns (pert_emb, cell_type_onehot,
-    batch), the name lists and the barcodes as ``str``, in cell-load's key order."""
-    vocab = dataset.vocab
-    pert, ct, batch_code = batch.pop(VECTOR_CODES)
-    vectors = {"pert_emb": vocab["pert"].rows(pert), "cell_type_onehot": vocab["cell_type"].rows(ct),
-               "batch": vocab["batch"].rows(batch_code)}
-    if pin:  # the rest of the batch was pinned by the DataLoader
-        vectors = {k: v.pin_memory() for k, v in vectors.items()}
-    names = {"pert_name": vocab["pert"].names, "cell_type": vocab["cell_type"].names,
-             "batch_name": vocab["batch"].names, "dataset_name": dataset.dataset_names()}
-    out = {}
-    for key, value in batch.items():
-        if key == "pert_name":
-            out["pert_emb"] = vectors["pert_emb"]
-        if key in names:
-            value = names[key][value].tolist()
-        elif key.endswith("_cell_barcode"):
-            value = _decoded(value)
-        out[key] = value
-        if key == "cell_type":
-            out["cell_type_onehot"], out["batch"] = vectors["cell_type_onehot"], vectors["batch"]
-    return out
+def finish_batch(batch: dict[str, Any], dataset: LayoutSetDataset) -> FastBatch:
+    """The batch a worker sent as a :class:`FastBatch` (cell-load's batch once on the device)."""
+    ready, csr = {}, {}
+    for role in MATRIX_ROLES:
+        value = batch.get(role)
+        if isinstance(value, CsrHeader):
+            take = None if value.take is None else torch.from_numpy(value.take)
+            csr[role] = CsrRows(torch.from_numpy(value.indptr), batch[f"{role}/indices"].view(torch.int32),
+                                batch[f"{role}/data"], value.n_cols, take)
+        elif value is not None:
+            ready[role] = value
+    for key in ("pert_cell_barcode", "ctrl_cell_barcode"):
+        if key in batch:
+            ready[key] = LazyStrings(batch[key])
+    return FastBatch(ready, csr, batch[CODES], dataset.vocab, dataset.dataset_names(), batch[DATASET])
 
 
 class LayoutDataLoader(DataLoader):
@@ -252,30 +287,30 @@ class LayoutDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: LayoutSetDataset, *, num_workers: int, pin_memory: bool,
-                 progress: Callable[[], int] | None = None) -> None:
+                 progress: Callable[[], int] | None = None, prefetch_factor: int = 4) -> None:
+        # No DataLoader pinning (a second copy of every batch): with pin_memory the slots themselves are
+        # page-locked once, in place (batch_slots.SlotReleaser), and batches go to the device from there.
         super().__init__(dataset, sampler=EpochBatchSampler(dataset), batch_size=None, collate_fn=_whole_batch,
-                         num_workers=num_workers, pin_memory=pin_memory,
-                         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
+                         num_workers=num_workers, pin_memory=False,
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                         persistent_workers=num_workers > 0,
                          worker_init_fn=_quiet_worker if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
         # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
-        dataset.board = SlotBoard(num_workers, by_handle=not pin_memory) if num_workers > 0 else None
-        self.releaser = SlotReleaser(dataset.board) if num_workers > 0 else None
+        dataset.board = SlotBoard(num_workers) if num_workers > 0 else None
+        self.releaser = SlotReleaser(dataset.board, page_lock=pin_memory) if num_workers > 0 else None
 
     def __iter__(self):
-        pin = bool(self.pin_memory)
         for batch in super().__iter__():
             slot = batch.pop(SLOT_KEY, -1)
-            if self.releaser is not None and not pin:
+            if self.releaser is not None:
                 self.releaser.receive(slot, batch, SLOT_ROLES)
-            out = finish_batch(batch, self.dataset, pin)
+            out = finish_batch(batch, self.dataset)
+            roles = [k for k in SLOT_ROLES if k in batch and torch.is_tensor(batch[k])]
             del batch
             if self.releaser is not None:
                 self.releaser.release_dead()
-                if pin:  # the batch now lives in pinned copies: the worker may write its slot again
-                    self.releaser.release(slot)
-                else:
-                    self.releaser.track(slot, [k for k in SLOT_ROLES if k in out])
+                self.releaser.track(slot, roles)
             yield out
             del out
 
@@ -289,14 +324,28 @@ class LayoutDataLoader(DataLoader):
 
 
 def batch_spec(dm: Any, windows: int, seed: int) -> BatchSpec:
-    embed_key = dm.embed_key
-    counts_gene = dm.output_space == "gene"
-    pert_counts = "X_hvg" if dm.store_raw_expression and counts_gene else None
-    ctrl_counts = "X_hvg" if dm.store_raw_basal and counts_gene else None
-    barcodes = bool(dm.barcode)
-    return BatchSpec(set_len=int(dm.cell_sentence_len), embed_key=embed_key, pert_counts_key=pert_counts,
-                     ctrl_counts_key=ctrl_counts, barcodes=barcodes, seed=int(seed), windows=int(windows),
+    embed, pert_counts, ctrl_counts = matrix_keys({"embed_key": dm.embed_key, "output_space": dm.output_space,
+                                                   "store_raw_basal": dm.store_raw_basal})
+    return BatchSpec(set_len=int(dm.cell_sentence_len), embed_key=embed, pert_counts_key=pert_counts,
+                     ctrl_counts_key=ctrl_counts, barcodes=bool(dm.barcode), seed=int(seed), windows=int(windows),
                      batch_size=int(dm.batch_size), drop_last=bool(dm.drop_last))
+
+
+def batch_bytes(spec: BatchSpec, table: FileTables) -> int:
+    """About how many bytes one batch holds (CSR values: 8 bytes each, at the file's mean per row)."""
+    meta, rows = table.layout.meta, spec.batch_size * spec.set_len
+    per_row = 0
+    for key in (spec.embed_key, spec.embed_key, spec.pert_counts_key, spec.ctrl_counts_key):
+        if key and key in meta.get("sparse", {}):
+            per_row += 8 * meta["sparse"][key]["nnz"] / max(1, table.layout.n_cells)
+        elif key:
+            per_row += 4 * int(meta["matrices"][key])
+    return int(rows * (per_row + 64))
+
+
+def prefetch_batches(budget_bytes: int, workers: int, one_batch: int) -> int:
+    """Batches each worker keeps ready: the byte budget shared by the workers, between 1 and 4."""
+    return max(1, min(4, int(budget_bytes) // max(1, workers * one_batch)))
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -318,8 +367,14 @@ def _trainer_progress(dm: Any) -> Callable[[], int]:
 
 
 def fast_train_loader(dm: Any, groups: Groups, tables: list[FileTables], vocab: dict[str, Vocabulary], *,
-                      windows: int, seed: int, num_workers: int) -> LayoutDataLoader:
+                      windows: int, seed: int, num_workers: int, prefetch_bytes: int = 256 * 2**20,
+                      shuffle: bool = True) -> LayoutDataLoader:
+    """The training loader (``shuffle=False``: validation's, same sampler in a fixed order, no resume state)."""
     rank, world = distributed_rank()
-    dataset = LayoutSetDataset(groups, tables, vocab, batch_spec(dm, windows, seed), rank=rank, world_size=world)
-    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                            progress=_trainer_progress(dm))
+    spec = batch_spec(dm, windows, seed)
+    spec.shuffle = shuffle
+    dataset = LayoutSetDataset(groups, tables, vocab, spec, rank=rank, world_size=world)
+    prefetch = prefetch_batches(prefetch_bytes, num_workers, batch_bytes(spec, tables[0]))
+    pin = torch.cuda.is_available() and bool(getattr(dm, "pin_memory", True))
+    return LayoutDataLoader(dataset, num_workers=num_workers, pin_memory=pin,
+                            progress=_trainer_progress(dm) if shuffle else None, prefetch_factor=prefetch)

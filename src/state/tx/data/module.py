@@ -235,6 +235,10 @@ def _fast_transfer_class(base: type) -> type:
 
     class StatePerturbationDataModule(base):
         def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            from state.tx.data.fast_batch import FastBatch
+
+            if isinstance(batch, FastBatch):  # the fast loader's: dense rows and one-hot columns made there
+                return batch.to_device(device)
             if isinstance(batch, dict):
                 from state.utils.device import batch_to_device
 
@@ -250,6 +254,16 @@ def _fast_transfer_class(base: type) -> type:
                 if fast is not None:
                     return fast
             return super().train_dataloader(test=test)
+
+        def val_dataloader(self) -> Any:
+            choice = getattr(self, "_state_fast_loader", None)
+            if choice is not None and choice.use:
+                from state.tx.data import selection
+
+                fast = selection.eval_loader(self, choice)
+                if fast is not None:
+                    return fast
+            return super().val_dataloader()
 
         def _create_base_dataset(self, *args: Any, **kwargs: Any) -> Any:
             from state.tx.data import obsm_cache

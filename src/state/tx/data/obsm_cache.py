@@ -4,7 +4,9 @@ cell-load reads cell embeddings (``obsm/X_hvg``, ``obsm/X_emb`` ...) from the h5
 call per run of consecutive rows; sets are shuffled, so that is nearly one call per cell, twice per
 sample (perturbed cell and its control): for small models ~40% of a training step. A dense obsm
 matrix is usually small (cells x a few hundred or thousand floats), so each dataset loads it once
-and indexes rows in memory. The values are the same bytes, so results are unchanged. Matrices
+and indexes rows in memory (a memory map of the file where the matrix is stored contiguous, so forked
+workers share the page cache; otherwise read once before the workers fork). The values are the same
+bytes, so results are unchanged. Matrices
 above the budget (``STATE_OBSM_CACHE_MB``, default 2048 per file; 0 turns the cache off) and
 CSR-stored obsm keep cell-load's own reads.
 """
@@ -26,7 +28,8 @@ def cache_budget_bytes() -> int:
 
 
 class ObsmCache:
-    """Dense obsm matrices of one dataset, loaded on first use (picklable: rebuilt per process)."""
+    """Dense obsm matrices of one dataset, loaded when the dataset is made (before DataLoader workers fork;
+    a pickled copy is rebuilt per process)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -41,18 +44,29 @@ class ObsmCache:
         return self.matrices[key]
 
     def _load(self, key: str) -> np.ndarray | None:
+        """The matrix, memory-mapped from the h5 file where it is stored contiguous and uncompressed
+        (anndata's default: every worker then shares the page cache), else read whole."""
         import h5py
 
-        self.dataset._ensure_h5_open()
-        node = self.dataset._get_obsm_matrix(key)
-        if not isinstance(node, h5py.Dataset) or node.ndim != 2:
-            return None
-        size = int(np.prod(node.shape)) * 4
-        if size > cache_budget_bytes():
-            log.info("obsm['%s'] of %s (%d MiB) exceeds STATE_OBSM_CACHE_MB: read from the file", key,
-                     self.dataset.h5_path, size >> 20)
-            return None
-        return np.asarray(node[...], dtype=np.float32)
+        with h5py.File(self.dataset.h5_path, "r") as handle:  # our own handle: none is inherited by workers
+            node = handle.get(f"obsm/{key}")
+            if not isinstance(node, h5py.Dataset) or node.ndim != 2:
+                return None
+            size = int(np.prod(node.shape)) * 4
+            if size > cache_budget_bytes():
+                log.info("obsm['%s'] of %s (%d MiB) exceeds STATE_OBSM_CACHE_MB: read from the file", key,
+                         self.dataset.h5_path, size >> 20)
+                return None
+            offset = node.id.get_offset()
+            if offset is not None and node.chunks is None and node.dtype == np.dtype("<f4") and size > 0:
+                return np.memmap(self.dataset.h5_path, dtype=np.float32, mode="r", offset=offset, shape=node.shape)
+            return np.asarray(node[...], dtype=np.float32)
+
+    def preload(self, keys: list[str]) -> None:
+        """Load (or map) ``keys`` now, in the process that forks the DataLoader workers, so that N workers
+        share one copy instead of each reading its own."""
+        for key in keys:
+            self.matrix(key)
 
 
 class _CachedRow:
@@ -89,4 +103,9 @@ def install(dataset: Any) -> Any:
         dataset.fetch_obsm_expression = _CachedRow(cache, cls.fetch_obsm_expression)
     if hasattr(cls, "_fetch_obsm_expression_batch"):
         dataset._fetch_obsm_expression_batch = _CachedRows(cache, cls._fetch_obsm_expression_batch)
+    keys = [k for k in (getattr(dataset, "embed_key", None),) if k]
+    if getattr(dataset, "output_space", None) == "gene" and (getattr(dataset, "store_raw_expression", False)
+                                                              or getattr(dataset, "store_raw_basal", False)):
+        keys.append("X_hvg")
+    cache.preload(keys)
     return dataset

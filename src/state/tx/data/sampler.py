@@ -59,14 +59,20 @@ def part_sizes(set_len: int, windows: int) -> np.ndarray:
     return np.array([base + 1] * extra + [base] * (windows - extra), dtype=np.int64)
 
 
-def _group_sets(n: int, sizes: np.ndarray, rng: np.random.Generator, drop_last: bool):
-    """Window starts/lengths of every set of one group of n rows."""
+def _group_sets(n: int, sizes: np.ndarray, rng: np.random.Generator, drop_last: bool, shuffle: bool = True):
+    """Window starts/lengths of every set of one group of n rows (``shuffle=False``: set j is the j-th
+    stretch of set_len rows, for validation)."""
     set_len, k = int(sizes.sum()), len(sizes)
     offsets = np.r_[0, np.cumsum(sizes)[:-1]]
     n_full = n // set_len
-    rotation = int(rng.integers(n))
+    rotation = int(rng.integers(n)) if shuffle else 0
     # block (j, i) = the i-th part of the j-th set_len-long stretch; set j takes part i of stretch perm_i[j].
-    picks = np.stack([rng.permutation(n_full) for _ in range(k)], axis=1) if n_full else np.zeros((0, k), np.int64)
+    if not shuffle:
+        picks = np.repeat(np.arange(n_full)[:, None], k, axis=1)
+    elif n_full:
+        picks = np.stack([rng.permutation(n_full) for _ in range(k)], axis=1)
+    else:
+        picks = np.zeros((0, k), np.int64)
     starts = (rotation + picks * set_len + offsets) % n
     lengths = np.broadcast_to(sizes, (n_full, k))
     rest = n - n_full * set_len
@@ -77,8 +83,9 @@ def _group_sets(n: int, sizes: np.ndarray, rng: np.random.Generator, drop_last: 
 
 
 def epoch_plan(groups: Groups, *, set_len: int, windows: int, batch_size: int, seed: int, epoch: int,
-               drop_last: bool = False, rank: int = 0, world_size: int = 1) -> EpochPlan:
-    """All sets of one epoch for one rank (deterministic for (seed, epoch); ranks are disjoint)."""
+               drop_last: bool = False, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> EpochPlan:
+    """All sets of one epoch for one rank (deterministic for (seed, epoch); ranks are disjoint).
+    ``shuffle=False`` (validation): groups in order, each cut into consecutive sets, sets in order."""
     rng = np.random.default_rng([int(seed), int(epoch), 7919])
     sizes = part_sizes(set_len, windows)
     k = len(sizes)
@@ -86,7 +93,7 @@ def epoch_plan(groups: Groups, *, set_len: int, windows: int, batch_size: int, s
     for g, rows in enumerate(groups.rows):
         if len(rows) == 0:
             continue
-        s, ln = _group_sets(len(rows), sizes, rng, drop_last)
+        s, ln = _group_sets(len(rows), sizes, rng, drop_last, shuffle)
         group_ids.append(np.full(len(s), g, dtype=np.int64))
         starts.append(s)
         lengths.append(ln)
@@ -97,7 +104,7 @@ def epoch_plan(groups: Groups, *, set_len: int, windows: int, batch_size: int, s
     starts, lengths = np.vstack(starts), np.vstack(lengths)
     pool_sizes = np.array([len(p) for p in groups.pools], dtype=np.int64)[groups.pool[group]]
     ctrl_starts = (rng.random((len(group), k)) * np.maximum(pool_sizes, 1)[:, None]).astype(np.int64)
-    order = rng.permutation(len(group))
+    order = rng.permutation(len(group)) if shuffle else np.arange(len(group))
     if world_size > 1:  # equal, disjoint shares: a few sets (different ones each epoch) sit out
         share = len(order) // world_size
         order = order[rank * share:(rank + 1) * share]

@@ -27,6 +27,15 @@ class Vocabulary:
     table: torch.Tensor  # index -> vector
     hot: torch.Tensor | None  # wide one-hot table: column of each row's 1 (filled by scatter)
     buffers: ReusableBuffers = field(default_factory=ReusableBuffers)  # for the wide one-hot batches
+    devices: dict = field(default_factory=dict)  # device -> copy of table (the batch's columns are built there)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "devices": {}}
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.devices:
+            self.devices[device] = self.table.to(device)
+        return self.devices[device]
 
     @classmethod
     def from_map(cls, mapping: Any) -> Vocabulary:
@@ -99,15 +108,17 @@ def _control_pool(ds: Any, strategy: Any, split: str, ct: int, batch: int) -> li
     return list(strategy.split_control_pool[split].get(ct, []))
 
 
-def groups_from_data_module(dm: Any, layout_dir: Any = None) -> tuple[Groups, list[FileTables], dict]:
-    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows."""
+def groups_from_data_module(dm: Any, layout_dir: Any = None, subsets: list | None = None
+                            ) -> tuple[Groups, list[FileTables], dict]:
+    """cell-load's training groups (per subset: (cell type, perturbation[, batch])) as layout rows
+    (``subsets``: another split's, e.g. ``dm.val_datasets``)."""
     use_batch = dm.basal_mapping_strategy == "batch"
     files: dict[str, int] = {}
     tables: list[FileTables] = []
     vocab = vocabularies(dm)
     positions: list[np.ndarray] = []
     rows, group_file, group_pool, pools, pool_ids = [], [], [], [], {}
-    for subset in dm.train_datasets:
+    for subset in dm.train_datasets if subsets is None else subsets:
         ds = subset.dataset
         key = str(ds.h5_path)
         if key not in files:
