@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from state.tx.data.batch_slots import SLOT_KEY, SlotBoard, SlotReleaser, WorkerSlots, batch_tensor
 from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
 from state.tx.data.split_tables import FileTables, Vocabulary
+from state.utils.worker_signals import LeaveSignalsToParent
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class LayoutDataLoader(DataLoader):
         super().__init__(dataset, sampler=EpochBatchSampler(dataset), batch_size=None, collate_fn=_whole_batch,
                          num_workers=num_workers, pin_memory=pin_memory,
                          prefetch_factor=4 if num_workers > 0 else None, persistent_workers=num_workers > 0,
-                         worker_init_fn=_quiet_worker if num_workers > 0 else None)
+                         worker_init_fn=LeaveSignalsToParent(_quiet_worker) if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
         # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
         dataset.board = SlotBoard(num_workers, by_handle=not pin_memory) if num_workers > 0 else None
