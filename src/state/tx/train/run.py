@@ -195,15 +195,19 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
     )
 
 
-def _strategy(requested: Any, model: Any, dm: Any) -> Any:
+def _strategy(training: Mapping[str, Any], model: Any, dm: Any) -> Any:
     """DDP refuses parameters that get no gradient; the gene decoder gets none when the data carry no
-    expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones."""
-    from state.training.trainer import strategy_for
+    expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones.
+    ``strategy: auto`` over several processes is ddp, with the same handling."""
+    from state.training.trainer import process_count, strategy_for
 
+    requested = training.get("strategy", "auto")
+    processes = process_count(training.get("devices", 1), training.get("num_nodes") or 1)
     decoder_idle = getattr(model, "gene_decoder", None) is not None and not getattr(dm, "store_raw_expression", True)
-    strategy = strategy_for(requested, find_unused_parameters=decoder_idle)
-    if requested == "ddp" and strategy != requested:
-        log.info("strategy ddp -> %s: the gene decoder has no targets in this data", strategy)
+    strategy = strategy_for(requested, processes=processes, find_unused_parameters=decoder_idle)
+    if decoder_idle and not isinstance(strategy, str):
+        log.info("strategy %s -> ddp with find_unused_parameters: the gene decoder has no targets in this data",
+                 requested)
     return strategy
 
 
@@ -314,7 +318,7 @@ def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan,
 
     resume_step = _resume_step(plan.resume_from)
     loggers = _loggers(plain, run_dir, resume_step) if is_rank_zero else []
-    strategy = _strategy(plain["training"].get("strategy", "auto"), model, dm)
+    strategy = _strategy(plain["training"], model, dm)
     trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
                        strategy=strategy)
     fit_or_stop(trainer, model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
