@@ -241,6 +241,36 @@ def train(cfg: Any) -> TrainResult:
         torch.set_float32_matmul_precision(previous)
 
 
+def _agreed_plan(plain: Mapping[str, Any]) -> tuple[rundir.RunDirPlan, Any]:
+    """What this launch does with ``output_dir/name``: rank 0 decides (start, resume or refuse), the
+    other ranks take its decision (:mod:`state.training.launch`); also the decision file, or None."""
+    from state.training.launch import decision_for
+    from state.training.runlock import RunDirLock
+    from state.training.trainer import process_count
+
+    training, rank = plain["training"], global_rank()
+    processes = process_count(training.get("devices", 1), training.get("num_nodes") or 1)
+    handshake = decision_for(plain["output_dir"], str(plain["name"]), rank=rank, processes=processes)
+    if rank != 0:  # a rank other than 0 runs this function too: it must not touch the folder
+        decision = handshake.receive(rank=rank)
+        return rundir.worker_plan(plain["output_dir"], plain["name"], decision.get("resume_from")), handshake
+    if handshake is not None:
+        handshake.clear_stale()
+    try:
+        # Before anything is written (overwrite=true would delete a live job's folder); the Trainer
+        # then holds the lock for the whole fit.
+        RunDirLock(Path(str(plain["output_dir"])).expanduser() / str(plain["name"])).check_free()
+        plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
+    except StateError as exc:
+        if handshake is not None:
+            handshake.refuse(exc)
+        raise
+    if handshake is not None:
+        handshake.publish({"resume_from": str(plan.resume_from) if plan.resume_from else None,
+                           "overwrite": plan.delete_first})
+    return plan, handshake
+
+
 def _train(cfg: Any) -> TrainResult:
     import lightning.pytorch as pl
 
@@ -253,15 +283,7 @@ def _train(cfg: Any) -> TrainResult:
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
     batch_size, set_len = _batch_shape(plain)
     tx_data.check_data_inputs(data_kwargs)
-    if is_rank_zero:
-        from state.training.runlock import RunDirLock
-
-        # Before anything is written (overwrite=true would delete a live job's folder); the Trainer
-        # then holds the lock for the whole fit.
-        RunDirLock(Path(str(plain["output_dir"])).expanduser() / str(plain["name"])).check_free()
-        plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
-    else:  # a DDP worker Lightning started re-runs this function: it must not touch the folder
-        plan = rundir.worker_plan(plain["output_dir"], plain["name"])
+    plan, handshake = _agreed_plan(plain)
 
     pl.seed_everything(int(training.get("train_seed", 42)), workers=True, verbose=False)
     dm = tx_data.build_data_module(plain["data"].get("name", "PerturbationDataModule"), data_kwargs,
@@ -301,6 +323,8 @@ def _train(cfg: Any) -> TrainResult:
     finally:
         if is_rank_zero:
             lock.release()  # normally already released by the Trainer's lock callback
+            if handshake is not None:
+                handshake.retract()  # every rank read it before the processes could meet to train
 
 
 def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
