@@ -188,6 +188,8 @@ class EpochBatchSampler(Sampler):
         self.dataset, self.epoch, self.skip = dataset, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.skip = 0  # batches to skip belong to the epoch they were counted in
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -282,7 +284,10 @@ class LayoutDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else 0
-        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+        epoch = int(self.sampler.epoch)
+        if done >= len(self.sampler):  # saved after the epoch's last batch: Lightning resumes in the next one
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(int(state.get("epoch", 0)))
