@@ -195,7 +195,9 @@ class ExactResume(Callback):
             return
         try:
             if any(map(_stateful, _train_loaders(trainer))):  # the loader restores its own position
-                set_global_rng_states(loaded["rng"])
+                # After Lightning makes the loader's iterator (which draws the workers' base seed from
+                # torch's generator): the first step then starts from the save-time states.
+                self._restore_at_first_step = loaded["rng"]
                 return
             self._loader_states = loaded.get("loader_rng")
             if self._loader_states:
