@@ -8,8 +8,8 @@
   single-process loss over the same cells, a resume, ``overwrite=true``, and a folder another job holds
   (every rank refuses at once, none waits for a rendezvous).
 
-Each launch is a separate process group (``start_new_session``), so a signal to the group reaches the
-ranks and their loader workers and nothing of pytest.
+Each launch is a process group of its own, so a signal to the group reaches the ranks and their loader
+workers and nothing of pytest.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from state.training.launch import DECISION_DIR
 from state.training.runlock import LOCK_FILE
 
 # Runs the CLI; with TEST_KILL_GROUP_AT_STEP=k, rank 0 sends SIGTERM to its whole process group (both ranks
-# and every loader worker) after optimizer step k, as SLURM does to a job step. Lightning starts rank 1 by
-# running this same script again, so the callback is there on every rank.
+# and every loader worker) after optimizer step k, as SLURM does to a job step; with
+# TEST_KEEP_VALIDATION_BATCHES=<folder> every rank saves the batches it validates. Lightning starts rank 1 by
+# running this same script again, so the callbacks are there on every rank.
 DRIVER = """
 import os, signal, sys
 import lightning.pytorch as pl
@@ -50,10 +51,22 @@ class KillGroupAt(pl.Callback):
         if trainer.global_step == self.step and trainer.global_rank == 0:
             os.killpg(os.getpgrp(), signal.SIGTERM)
 
-at = os.environ.get("TEST_KILL_GROUP_AT_STEP")
-if at:
-    own = tx_run._callbacks
-    tx_run._callbacks = lambda *a: [*own(*a), KillGroupAt(int(at))]
+class KeepValidationBatches(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            torch.save(batch, os.path.join(self.folder, f"rank{trainer.global_rank}_{batch_idx}.pt"))
+
+extra = []
+if os.environ.get("TEST_KILL_GROUP_AT_STEP"):
+    extra.append(KillGroupAt(int(os.environ["TEST_KILL_GROUP_AT_STEP"])))
+if os.environ.get("TEST_KEEP_VALIDATION_BATCHES"):
+    import torch
+    extra.append(KeepValidationBatches(os.environ["TEST_KEEP_VALIDATION_BATCHES"]))
+own = tx_run._callbacks
+tx_run._callbacks = lambda *a: [*own(*a), *extra]
 sys.exit(main(sys.argv[1:]))
 """
 LAUNCH_TIMEOUT_S = 300
@@ -103,7 +116,7 @@ def _launch(synth, args: list[str], logs: Path, envs: list[dict[str, str]]) -> l
     for i, env in enumerate(envs):
         err = (logs / f"proc{i}.err").open("w")
         files.append(err)
-        group = {"start_new_session": True} if i == 0 else {"process_group": procs[0].pid}
+        group = {"process_group": procs[0].pid if procs else 0}  # one new group for the launch
         procs.append(subprocess.Popen([sys.executable, str(synth["driver"]), "tx", "train", *args], env=env,
                                       cwd=logs, stdout=subprocess.DEVNULL, stderr=err, **group))
     group_id = procs[0].pid
@@ -180,50 +193,46 @@ def test_ddp_two_ranks_two_workers_sigterm_to_the_group_resumes_to_the_same_loss
 # ---------------------------------------------------------------- two nodes, one rank each, started at once
 
 
-def _node_envs(port: int) -> list[dict[str, str]]:
-    return [_env(NODE_RANK=str(node), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            for node in (0, 1)]
+def _node_envs(port: int, **extra: str) -> list[dict[str, str]]:
+    return [_env(NODE_RANK=str(node), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 **extra) for node in (0, 1)]
 
 
-NODE_LOADER = ["data.kwargs.num_workers=0", "data.kwargs.fast_loader=false",
-               # a fixed control cell per perturbed cell: validation then reads the same cells however it is split
-               "+data.kwargs.cache_perturbation_control_pairs=true",
-               "training.devices=1", "+training.num_nodes=2", "training.strategy=ddp"]
+NODE_LOADER = ["data.kwargs.num_workers=0", "data.kwargs.fast_loader=false", "training.devices=1",
+               "+training.num_nodes=2", "training.strategy=ddp"]
 
 
-def _single_process_val_loss(synth, tmp_path: Path, ckpt: Path) -> float:
-    import lightning.pytorch as pl
-
-    from state.tx.config.compose import compose_tx_config
-    from state.tx.data import module as tx_data
+def _single_process_val_loss(ckpt: Path, batches: list[Path]) -> float:
+    """The validation loss of ``ckpt`` over ``batches`` in this one process: the mean over all their sets."""
     from state.tx.models import registry
-    from state.utils.plain import resolved_config
 
-    plain = resolved_config(compose_tx_config(_args(synth, tmp_path, "single", steps=1, val_freq=1,
-                                                    loader=NODE_LOADER[:3])))
-    pl.seed_everything(int(plain["training"].get("train_seed", 42)), verbose=False)  # as train() does
-    dm = tx_data.build_data_module("PerturbationDataModule", tx_data.effective_data_kwargs(plain["data"]["kwargs"]),
-                                   batch_size=2, cell_sentence_len=8)
-    tx_data.setup_data_module(dm)
     model = registry.load_model_checkpoint(ckpt)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    return float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"])
-
-
+    total = sets = 0.0
+    with torch.no_grad():
+        for path in batches:
+            batch = torch.load(path, weights_only=False)  # written by this test's driver
+            n_sets = len(batch["pert_cell_emb"]) // 8
+            total += float(model.validation_step(batch, 0)) * n_sets
+            sets += n_sets
+    return total / sets
 def test_two_nodes_started_at_once_agree_on_start_resume_overwrite_and_refusal(synth, tmp_path):
     run = tmp_path / "nodes"
 
-    # fresh start: both nodes train, validation is the mean over both ranks' sets
+    # fresh start: both nodes train; the validation loss is that of one process over both ranks' sets
+    kept = tmp_path / "val_batches"
+    kept.mkdir()
     results = _launch(synth, _args(synth, tmp_path, "nodes", steps=4, val_freq=4, loader=NODE_LOADER),
-                      tmp_path / "logs_fresh", _node_envs(_free_port()))
+                      tmp_path / "logs_fresh", _node_envs(_free_port(), TEST_KEEP_VALIDATION_BATCHES=str(kept)))
     assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert safe_torch_load(run / "checkpoints" / "final.ckpt")["global_step"] == 4
     assert (run / "version_0" / "metrics.csv").is_file() and not (run / LOCK_FILE).exists()
     assert not (tmp_path / DECISION_DIR).exists()
-    ddp_val = _val_losses(run)[3]
-    assert ddp_val == pytest.approx(_single_process_val_loss(synth, tmp_path, run / "checkpoints" / "last.ckpt"),
-                                    rel=1e-5)
+    ranks = {r: sorted(kept.glob(f"rank{r}_*.pt")) for r in (0, 1)}
+    assert ranks[0] and ranks[1]  # each rank validated its own share
+    ckpt = run / "checkpoints" / "last.ckpt"
+    logged = _val_losses(run)[3]
+    assert logged == pytest.approx(_single_process_val_loss(ckpt, ranks[0] + ranks[1]), rel=1e-5)
+    assert logged != pytest.approx(_single_process_val_loss(ckpt, ranks[0]), rel=1e-5)  # not rank 0's share
 
     # resume: every rank continues from rank 0's last.ckpt
     results = _launch(synth, _args(synth, tmp_path, "nodes", steps=6, val_freq=4, loader=NODE_LOADER),
