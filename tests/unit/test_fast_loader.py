@@ -328,3 +328,20 @@ def test_dataset_of_several_files_mixes_them_in_a_batch_like_cell_load(tmp_path)
     assert fast_groups == slow_groups
     first = next(iter(dm.train_dataloader()))
     assert torch.equal(first["pert_emb"].sum(1), torch.ones(len(first["pert_name"])))
+
+
+@pytest.mark.parametrize("done", ["mid", "end"])
+def test_resume_state_continues_the_epoch_or_starts_the_next_whole(synth, done):
+    """Lightning loads the state, then sets the epoch it resumes in: after the epoch's last batch that is the
+    next epoch, which must come whole (not skip as many batches as the epoch before had)."""
+    dm = _data_module(synth["toml"], synth["lay"])
+    first, second = _batches(dm.train_dataloader(), 0), _batches(dm.train_dataloader(), 1)
+    n_done = 2 if done == "mid" else len(first)
+    saved = dm.train_dataloader()
+    saved.progress = lambda: n_done
+    state = saved.state_dict()
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(0 if done == "mid" else 1)  # what Lightning does next
+    expected = first[n_done:] if done == "mid" else second
+    assert [x["pert_cell_barcode"] for x in resumed] == [x["pert_cell_barcode"] for x in expected]

@@ -36,3 +36,21 @@ def test_training_logs_cumulative_flops_and_mfu(tmp_path, monkeypatch):
     assert (flops["cumulative_flops"].diff().dropna() > 0).all()
     assert metrics["flops_per_batch"].dropna().nunique() == 1
     assert (metrics["mfu (%)"].dropna() > 0).all()
+
+
+def test_mfu_is_per_gpu_whatever_the_world_size(monkeypatch):
+    """Each rank counts its own batch's FLOPs: MFU divides them by one device's peak, not world x peak."""
+    from types import SimpleNamespace
+
+    from state.tx.train import flops
+
+    monitor = flops.FlopsMonitor(mfu_kwargs={"available_flops": 1e12, "logging_interval": 1, "window_size": 2})
+    monitor.flops_per_batch = int(5e11)
+    logged = {}
+    module = SimpleNamespace(log_dict=lambda metrics, **_: logged.update(metrics))
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
+    for step in (1, 2, 3):
+        trainer = SimpleNamespace(global_step=step, world_size=8)
+        monitor.on_train_batch_end(trainer, module, None, None, step)
+    assert logged["mfu (%)"] == 50.0  # 5e11 FLOPs per second-long step on a 1e12 FLOP/s device

@@ -82,3 +82,30 @@ def test_run_directories_know_the_lock_file_name():
     from state.tx import rundir
 
     assert rundir.RUN_LOCK_FILE == LOCK_FILE
+
+
+def _other_host_lock(folder, slurm_job) -> None:
+    _write_lock(folder, host="node-that-died", pid=4242, started="2026-01-02T03:04:05+00:00",
+                heartbeat=time.time(), slurm_job=slurm_job)
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_earlier_lock_at_once(tmp_path, monkeypatch):
+    """Same SLURM_JOB_ID, a later SLURM_RESTART_COUNT, another host, a fresh heartbeat: taken over."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _other_host_lock(tmp_path, ["777", "0"])
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    owner = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert owner["pid"] == os.getpid() and owner["slurm_job"] == ["777", "1"]
+    lock.release()
+
+
+@pytest.mark.parametrize("slurm_job", [["777", "1"], ["778", "0"], None])
+def test_another_live_slurm_run_keeps_its_lock(tmp_path, monkeypatch, slurm_job):
+    """The same run of the job (another step of the allocation), another job, or no SLURM at all: refused."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _other_host_lock(tmp_path, slurm_job)
+    with pytest.raises(StateError, match="in use by another job"):
+        RunDirLock(tmp_path).acquire()

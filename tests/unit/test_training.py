@@ -159,12 +159,20 @@ def test_precision_policy(monkeypatch):
 def test_strategy_policy():
     from lightning.pytorch.strategies import DDPStrategy
 
+    from state.training.trainer import StateDDPStrategy, buffers_need_sync, process_count
+
     assert strategy_for("auto", find_unused_parameters=True) == "auto"
-    assert strategy_for("ddp") == "ddp"
-    assert strategy_for("ddp", find_unused_parameters=True) == "ddp_find_unused_parameters_true"
+    assert strategy_for("deepspeed", processes=8) == "deepspeed"
+    for requested, processes in (("ddp", 1), ("auto", 2)):  # auto over several processes is ddp, same handling
+        ddp = strategy_for(requested, processes=processes, find_unused_parameters=True)
+        assert isinstance(ddp, StateDDPStrategy) and ddp._ddp_kwargs.get("find_unused_parameters") is True
     ddp = strategy_for("ddp", timeout_s=120)
     assert isinstance(ddp, DDPStrategy) and ddp._timeout == datetime.timedelta(seconds=120)
     assert ddp._ddp_kwargs.get("find_unused_parameters") is False
+    assert process_count(2) == 2 and process_count([0, 1, 2], 2) == 6 and process_count("0,1") == 2
+    assert process_count("1", 2) == 2 and process_count(1) == 1
+    assert not buffers_need_sync(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    assert buffers_need_sync(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
 
 
 @pytest.mark.parametrize(("progress", "step_bar", "bar"), [("1", True, "StateProgressBar"),

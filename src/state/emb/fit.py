@@ -144,7 +144,7 @@ def _trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list[Callback], *, trai
         root_dir=ckpt_dir,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=strategy_for("ddp" if world > 1 else "auto", timeout_s=int(exp.get("ddp_timeout", 3600))),
+        strategy=strategy_for("auto", processes=world, timeout_s=int(exp.get("ddp_timeout", 3600))),
         precision=None,  # the automatic choice: bf16-mixed (16-mixed) on GPUs, as arc-state; 32-true on CPU
         loggers=_loggers(cfg, ckpt_dir),
         callbacks=callbacks,

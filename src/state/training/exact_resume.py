@@ -13,6 +13,11 @@ step k and resumed reproduces the uninterrupted run's loss at every step:
   afresh and the batches the interrupted run already trained on are drawn and dropped (data
   loading only, no model work), then the save-time states are restored before the next step.
 
+Several ranks: each rank has its own random streams (dropout draws, the data's generators), so
+every checkpoint carries every rank's states (``ranks``, gathered when the checkpoint is made, which
+every rank does together) and each rank restores its own. A resume with another number of ranks
+starts the other ranks' streams from rank 0's, with a warning (the run continues, not exactly).
+
 A loader that can save its own position (``state_dict`` / ``load_state_dict``, e.g. torchdata's
 StatefulDataLoader) is left to Lightning. Limits: generators inside DataLoader *worker* processes
 (``num_workers > 0``) cannot be captured, so there the batches are the same sets of cells but
@@ -49,6 +54,39 @@ def set_global_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if states.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(own: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's ``own`` in rank order (a collective), or None in a single process."""
+    import torch.distributed as dist
+
+    rank, world = _rank_and_world()
+    if world == 1:
+        return None
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, own)
+    return everyone
+
+
+def _own_share(saved: dict[str, Any]) -> dict[str, Any]:
+    """This rank's states from a checkpoint's (rank 0's when it lacks them: an older or single-process run)."""
+    rank, world = _rank_and_world()
+    ranks = saved.get("ranks")
+    if isinstance(ranks, list) and len(ranks) == world and isinstance(ranks[rank], dict):
+        return ranks[rank]
+    if world > 1 or isinstance(ranks, list):
+        log.warning("the checkpoint holds the random states of %s rank(s), this run has %d: the other ranks "
+                    "start from rank 0's (the run continues, not exactly as it would have)",
+                    len(ranks) if isinstance(ranks, list) else 1, world)
+    return {k: v for k, v in saved.items() if k != "ranks"}
 
 
 # -- generators held by the dataset objects
@@ -142,11 +180,13 @@ class ExactResume(Callback):
         self._batches_in_epoch = batch_idx + 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": global_rng_states(), "data_rng": self._data_states_or_none(), "loader_rng": self._loader_states,
-                "epoch_rng": self._epoch_states, "batches_in_epoch": self._batches_in_epoch}
+        own = {"rng": global_rng_states(), "data_rng": self._data_states_or_none(), "loader_rng": self._loader_states,
+               "epoch_rng": self._epoch_states, "batches_in_epoch": self._batches_in_epoch}
+        ranks = _gathered(own)
+        return own if ranks is None else {**ranks[0], "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
+        self._loaded = _own_share(state_dict)
 
     # -- replaying (a resumed run)
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -155,7 +195,9 @@ class ExactResume(Callback):
             return
         try:
             if any(map(_stateful, _train_loaders(trainer))):  # the loader restores its own position
-                set_global_rng_states(loaded["rng"])
+                # After Lightning makes the loader's iterator (which draws the workers' base seed from
+                # torch's generator): the first step then starts from the save-time states.
+                self._restore_at_first_step = loaded["rng"]
                 return
             self._loader_states = loaded.get("loader_rng")
             if self._loader_states:

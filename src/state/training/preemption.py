@@ -21,6 +21,15 @@ signal arrives (possibly in the middle of an optimizer step), writes ``hpc_ckpt_
 half-updated step, costs one more full write per requeue, and the requeue races our own checkpoint.
 So that handler is held back: :func:`requeue_slurm_job` runs the same ``scontrol requeue <job>``
 once ``last.ckpt`` is on disk, and the requeued job resumes from it (our commands pass it to ``fit``).
+
+Several ranks: the signal may reach some ranks only (or at different steps), and every rank must stop
+at the same step, so the ranks agree on it. Agreeing is a collective; done on every batch it would make
+each host wait for the others (and, on a device tensor, for its GPU) once per step. So the ranks compare
+notes only on optimizer steps that are multiples of ``STATE_PREEMPT_CHECK_EVERY`` (default
+:data:`CHECK_EVERY`; the same steps on every rank since they share ``global_step``), over a CPU (gloo)
+group even when training uses nccl: the exchange waits for the other hosts, never for a GPU. The stop
+comes at most that many steps after the signal. DataLoader workers ignore the signal
+(:mod:`state.utils.worker_signals`), so a signal to the whole process group reaches the decision here.
 """
 
 from __future__ import annotations
@@ -40,6 +49,18 @@ from state.utils.errors import StateError
 log = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+CHECK_EVERY = 10  # optimizer steps between the ranks' agreements (STATE_PREEMPT_CHECK_EVERY)
+
+
+def check_every() -> int:
+    """Optimizer steps between two agreements of the ranks on whether a signal came."""
+    value = os.environ.get("STATE_PREEMPT_CHECK_EVERY", "").strip()
+    if not value:
+        return CHECK_EVERY
+    if not value.isdigit() or int(value) < 1:
+        raise StateError(f"STATE_PREEMPT_CHECK_EVERY={value!r} is not a positive whole number",
+                         hint=f"unset it (default {CHECK_EVERY}) or set e.g. STATE_PREEMPT_CHECK_EVERY=10")
+    return int(value)
 
 
 def preempt_exit_code(signum: int) -> int:
@@ -75,6 +96,8 @@ class PreemptionCheckpoint(Callback):
         self._after_validation = False
         self._requeue_signal: int | None = None  # Lightning's SLURM requeue signal whose handler we hold back
         self._step_at_batch_start = -1
+        self.every = check_every()
+        self._group: Any = None  # the CPU process group the ranks agree over (None: the default group)
 
     # -- signals
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -85,6 +108,8 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._install(trainer)
+        if trainer.world_size > 1:  # every rank runs this hook: creating the group is collective
+            self._group = _cpu_group()
 
     def _install(self, trainer: Any) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():
@@ -123,10 +148,14 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.accumulate_grad_batches > 1 and trainer.global_step == self._step_at_batch_start:
             return  # gradients of this batch are accumulated, not in any checkpoint: stop after the step
+        if self.stopped_at is not None:
+            return
         signalled = self.signum is not None or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:  # every rank stops at the same step (the signal may reach one rank)
-            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
-        if not signalled or self.stopped_at is not None:
+            if trainer.global_step % self.every:
+                return
+            signalled = _any_rank(signalled, self._group)
+        if not signalled:
             return
         if self.signum is None:
             self.signum = int(signal.SIGTERM)
@@ -148,7 +177,7 @@ class PreemptionCheckpoint(Callback):
         trainer.should_stop = True
         requeue = self._requeue_signal is not None and self.signum == self._requeue_signal
         if trainer.world_size > 1:  # the signal may have reached another rank only
-            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+            requeue = _any_rank(requeue, self._group)
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
 
@@ -156,6 +185,27 @@ class PreemptionCheckpoint(Callback):
         if self.stopped_at is None or self.signum is None:
             return None
         return RunPreempted(self.signum, self.stopped_at, self.checkpoint)
+
+
+def _cpu_group() -> Any:
+    """A gloo group over all ranks when the default one is not (nccl); None: use the default group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _any_rank(flag: bool, group: Any) -> bool:
+    """Whether ``flag`` holds on any rank: a one-number all_reduce on the CPU (no GPU work is waited for)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 def _slurm_requeue_signal(trainer: Any) -> int | None:

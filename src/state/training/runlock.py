@@ -9,7 +9,12 @@ A lock is *stale* (its job is gone) when
 - its heartbeat is older than ``STATE_LOCK_STALE_S`` seconds (default 1800): the owner refreshes it
   at most once a minute while it trains, so a job on another host that was killed stops refreshing.
   Validation or a checkpoint save longer than that window on another host could be mistaken for a
-  dead job; raise the setting on such clusters.
+  dead job; raise the setting on such clusters;
+- or it was written by an earlier run of this same SLURM job: same ``SLURM_JOB_ID``, another
+  ``SLURM_RESTART_COUNT``. SLURM starts a requeued job (``scontrol requeue``, ``--requeue`` after a
+  node failure or preemption) only once the previous run has ended, maybe on another host, so its
+  lock is taken over at once instead of after the heartbeat window. Two job steps of one allocation
+  (same job id, same restart count) still exclude each other.
 
 A stale lock is taken over by renaming it aside (one rename wins when two jobs race) and creating a
 fresh one. DDP: only global rank 0 takes the lock; the other ranks share rank 0's job.
@@ -62,14 +67,26 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def describe(owner: dict[str, Any]) -> str:
-    return (f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
+    slurm = owner.get("slurm_job")
+    job = f"SLURM job {slurm[0]}, " if isinstance(slurm, list) and slurm else ""
+    return (f"{job}host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
             f"started {owner.get('started', '?')}")
+
+
+def _slurm_run() -> tuple[str, str] | None:
+    """(job id, restart count) of the SLURM job this process belongs to; None outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return (job, os.environ.get("SLURM_RESTART_COUNT", "0")) if job else None
 
 
 def is_stale(owner: dict[str, Any], *, now: float | None = None) -> bool:
     """Whether the job named by ``owner`` (a lock's contents) is gone (see the module docstring)."""
     if not owner.get("host") or not isinstance(owner.get("pid"), int):
         return True
+    ours, theirs = _slurm_run(), owner.get("slurm_job")
+    if ours is not None and isinstance(theirs, list) and len(theirs) == 2 and theirs[0] == ours[0]:
+        if str(theirs[1]) != ours[1] and not _is_us(owner):
+            return True  # an earlier run of this requeued job: SLURM ended it before starting this one
     if owner["host"] == socket.gethostname():
         return not _pid_alive(owner["pid"])
     beat = owner.get("heartbeat", 0)
@@ -135,8 +152,12 @@ class RunDirLock:
                 self.path.unlink()
 
     def _contents(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "started": self._started,
-                "heartbeat": time.time()}
+        contents = {"host": socket.gethostname(), "pid": os.getpid(), "started": self._started,
+                    "heartbeat": time.time()}
+        slurm = _slurm_run()
+        if slurm is not None:
+            contents["slurm_job"] = list(slurm)
+        return contents
 
     def _write_temp(self) -> Path:
         tmp = self.path.with_name(f"{LOCK_FILE}.{socket.gethostname()}.{os.getpid()}.tmp")

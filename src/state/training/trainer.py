@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
 
 from state.training.checkpoint_io import AtomicCheckpointIO
 from state.training.exact_resume import ExactResume
@@ -30,7 +31,8 @@ from state.training.progress_bar import StateProgressBar
 from state.training.runlock import RunDirLockCallback
 from state.utils.progress import progress_enabled
 
-__all__ = ["TrainerSetup", "build_trainer", "fit_or_stop", "precision_for", "strategy_for"]
+__all__ = ["StateDDPStrategy", "TrainerSetup", "build_trainer", "fit_or_stop", "precision_for", "process_count",
+           "strategy_for"]
 
 
 @dataclass
@@ -60,21 +62,55 @@ def precision_for(requested: str | None) -> str:
     return "32-true"
 
 
-def strategy_for(requested: Any, *, find_unused_parameters: bool = False, timeout_s: int | None = None) -> Any:
-    """Lightning's strategy for ``requested``; only ``"ddp"`` is refined.
+def process_count(devices: Any, num_nodes: Any = 1) -> int:
+    """How many training processes ``devices`` (per node) x ``num_nodes`` start, as Lightning counts them."""
+    if isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif str(devices).strip().lstrip("-").isdigit() and int(devices) >= 0:
+        per_node = int(devices)
+    elif "," in str(devices):  # "0,1": device indices
+        per_node = len([d for d in str(devices).split(",") if d.strip()])
+    else:  # "auto" / -1: every GPU of the node, one process on CPU
+        per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return max(1, per_node) * max(1, int(num_nodes or 1))
 
-    DDP refuses parameters that get no gradient unless told to look for them
-    (``find_unused_parameters``); ``timeout_s`` sets how long processes wait for each other. No
-    backend is named: Lightning uses nccl on CUDA and gloo on CPU.
+
+def strategy_for(requested: Any, *, processes: int = 1, find_unused_parameters: bool = False,
+                 timeout_s: int | None = None) -> Any:
+    """Lightning's strategy for ``requested``; ``"ddp"`` (and ``"auto"`` over several processes) is refined.
+
+    ``auto`` with several processes becomes ddp, so it gets the same handling as a ddp request
+    (Lightning's own auto choice would skip it). DDP refuses parameters that get no gradient unless
+    told to look for them (``find_unused_parameters``); ``timeout_s`` sets how long processes wait
+    for each other; buffers are broadcast only when the model has some that training changes (see
+    :class:`StateDDPStrategy`). No backend is named: Lightning uses nccl on CUDA and gloo on CPU.
     """
+    if requested == "auto" and processes > 1:
+        requested = "ddp"
     if requested != "ddp":
         return requested
-    if timeout_s is None:
-        return "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
-    from lightning.pytorch.strategies import DDPStrategy
+    extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    return StateDDPStrategy(find_unused_parameters=find_unused_parameters, **extra)
 
-    return DDPStrategy(find_unused_parameters=find_unused_parameters,
-                       timeout=datetime.timedelta(seconds=timeout_s))
+
+class StateDDPStrategy(DDPStrategy):
+    """Lightning's DDP, with ``broadcast_buffers`` off unless the model keeps running statistics.
+
+    By default DDP broadcasts rank 0's buffers at every forward, validation included: a collective
+    per batch, which hangs when the ranks run different numbers of validation batches (one rank gets
+    none). Buffers only differ between ranks when training updates them (BatchNorm's running
+    statistics); models without such layers skip the broadcast.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> Any:
+        self._ddp_kwargs.setdefault("broadcast_buffers", buffers_need_sync(model))
+        return super()._setup_model(model)
+
+
+def buffers_need_sync(model: torch.nn.Module) -> bool:
+    """Whether some layer of ``model`` updates buffers while training (BatchNorm running statistics)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
 
 
 def build_trainer(setup: TrainerSetup, **loop: Any) -> Trainer:

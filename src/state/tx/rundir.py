@@ -88,11 +88,10 @@ def plan_run_dir(output_dir: str | Path, name: str, *, overwrite: bool) -> RunDi
     return RunDirPlan(path, None, False, existed)
 
 
-def worker_plan(output_dir: str | Path, name: str) -> RunDirPlan:
-    """The plan of a non-zero DDP rank: rank 0 owns the folder; only the resume decision is shared."""
+def worker_plan(output_dir: str | Path, name: str, resume_from: str | Path | None) -> RunDirPlan:
+    """The plan of a non-zero DDP rank: rank 0 owns the folder and decided ``resume_from`` for every rank."""
     path = Path(str(output_dir)).expanduser() / str(name)
-    last = path / CHECKPOINT_DIR / "last.ckpt"
-    return RunDirPlan(path, last if last.is_file() else None, False, True)
+    return RunDirPlan(path, Path(resume_from) if resume_from else None, False, True)
 
 
 def open_run_dir(plan: RunDirPlan) -> Path:

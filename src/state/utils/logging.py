@@ -13,13 +13,46 @@ import sys
 _FORMAT = "[%(levelname)s] %(message)s"
 
 
-def global_rank() -> int:
-    """The process rank in a distributed job (0 when not distributed)."""
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        value = os.environ.get(var)
-        if value is not None and value.isdigit():
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
             return int(value)
-    return 0
+    return None
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed job (0 when not distributed), before any process group exists.
+
+    A launcher that knows it says so: ``RANK`` (torchrun, Lightning's multi-node children),
+    ``SLURM_PROCID`` (one srun task per process), ``JSM_NAMESPACE_RANK`` (LSF). Otherwise (Lightning
+    starts the processes of a node, ``NODE_RANK`` / ``GROUP_RANK`` / ``SLURM_NODEID`` name the node) it
+    is node x processes per node + ``LOCAL_RANK``, with the processes per node from
+    ``LOCAL_WORLD_SIZE`` / ``SLURM_NTASKS_PER_NODE`` when given. That is exact whenever it matters
+    here: only the first process of the first node is 0.
+    """
+    exact = _env_int("RANK", "JSM_NAMESPACE_RANK")
+    if exact is not None:
+        return exact
+    local = _env_int("LOCAL_RANK")
+    if local is None:  # SLURM started this process itself (srun), unless a launcher below it set LOCAL_RANK
+        procid = _env_int("SLURM_PROCID")
+        if procid is not None:
+            return procid
+    local = local if local is not None else (_env_int("SLURM_LOCALID") or 0)
+    node = _env_int("NODE_RANK", "GROUP_RANK", "SLURM_NODEID") or 0
+    per_node = _env_int("LOCAL_WORLD_SIZE") or _env_int_prefix("SLURM_NTASKS_PER_NODE") or local + 1
+    return node * max(per_node, local + 1) + local
+
+
+def _env_int_prefix(name: str) -> int | None:
+    """The leading number of a variable such as SLURM_NTASKS_PER_NODE=``8(x2)``."""
+    digits = ""
+    for char in os.environ.get(name, "").strip():
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits) if digits else None
 
 
 class _StderrHandler(logging.StreamHandler):

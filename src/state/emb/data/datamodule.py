@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from state.emb.data.collator import SentenceCollator, SentenceSpec
 from state.emb.data.dataset import H5adCellDataset
 from state.emb.data.profile import TrainingProfile
+from state.utils.worker_signals import leave_signals_to_parent
 
 
 class EpochShuffle(RandomSampler):
@@ -61,7 +62,7 @@ class SEDataModule(L.LightningDataModule):
         generator = torch.Generator()  # only seeds the workers (their base seed)
         generator.manual_seed(self.seed)
         extra = {"persistent_workers": True, "prefetch_factor": 4} if workers > 0 else {}
-        return DataLoader(
+        return leave_signals_to_parent(DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffle(dataset, self.seed),
@@ -70,7 +71,7 @@ class SEDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             generator=generator,
             **extra,
-        )
+        ))
 
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.dataset.get("num_train_workers", 0) or 0)

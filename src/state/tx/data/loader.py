@@ -29,6 +29,7 @@ from state.tx.data.fast_batch import CsrRows, FastBatch, LazyStrings
 from state.tx.data.layout import matrix_keys
 from state.tx.data.sampler import EpochPlan, Groups, epoch_plan, set_rows
 from state.tx.data.split_tables import FileTables, Vocabulary
+from state.utils.worker_signals import LeaveSignalsToParent
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ class EpochBatchSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         # validation keeps epoch 0's plan: the same sets and controls every time, so its losses compare
-        self.epoch = int(epoch) if self.dataset.spec.shuffle else 0
+        epoch = int(epoch) if self.dataset.spec.shuffle else 0
+        if epoch != self.epoch:
+            self.skip = 0  # batches to skip belong to the epoch they were counted in
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.dataset.plan(self.epoch).n_batches
@@ -294,7 +298,7 @@ class LayoutDataLoader(DataLoader):
                          num_workers=num_workers, pin_memory=False,
                          prefetch_factor=prefetch_factor if num_workers > 0 else None,
                          persistent_workers=num_workers > 0,
-                         worker_init_fn=_quiet_worker if num_workers > 0 else None)
+                         worker_init_fn=LeaveSignalsToParent(_quiet_worker) if num_workers > 0 else None)
         self.progress = progress  # batches of this epoch the trainer has processed
         # Workers write into reusable shared buffers; this process hands a slot back once its batch is gone.
         dataset.board = SlotBoard(num_workers) if num_workers > 0 else None
@@ -316,7 +320,10 @@ class LayoutDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else 0
-        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+        epoch = int(self.sampler.epoch)
+        if done >= len(self.sampler):  # saved after the epoch's last batch: Lightning resumes in the next one
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(int(state.get("epoch", 0)))

@@ -22,6 +22,7 @@ import numpy as np
 
 from state.tx.data.files import dataset_files, read_toml
 from state.utils.errors import StateError, collect_errors
+from state.utils.worker_signals import leave_signals_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,13 @@ def _fast_transfer_class(base: type) -> type:
                 fast = selection.train_loader(self, choice)
                 if fast is not None:
                     return fast
-            return super().train_dataloader(test=test)
+            return leave_signals_to_parent(super().train_dataloader(test=test))
+
+        def val_dataloader(self) -> Any:
+            return leave_signals_to_parent(super().val_dataloader())
+
+        def test_dataloader(self) -> Any:
+            return leave_signals_to_parent(super().test_dataloader())
 
         def val_dataloader(self) -> Any:
             choice = getattr(self, "_state_fast_loader", None)

@@ -61,5 +61,5 @@ class DecoderOnlyPerturbationModel(NamedCheckpointMixin, PerturbationModel):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._decoder_loss(batch, padded=True)
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["pert_name"]))
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["pert_name"]), sync_dist=True)
         return loss

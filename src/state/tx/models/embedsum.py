@@ -60,5 +60,5 @@ class EmbedSumPerturbationModel(NamedCheckpointMixin, PerturbationModel):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         preds = self(batch)
         loss = nn.functional.mse_loss(preds, flat_rows(batch, "pert_cell_emb", like=preds))
-        self.log("val_loss", loss, prog_bar=True, batch_size=preds.shape[0])
+        self.log("val_loss", loss, prog_bar=True, batch_size=preds.shape[0], sync_dist=True)
         return loss

@@ -121,7 +121,7 @@ class _MeanBaseline(PerturbationModel):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         preds = self(batch, padded=True)
         loss = nn.functional.mse_loss(preds, self._rows(batch, "pert_cell_emb"))
-        self.log("val_loss", loss, prog_bar=True, batch_size=preds.shape[0])
+        self.log("val_loss", loss, prog_bar=True, batch_size=preds.shape[0], sync_dist=True)
         return loss
 
 

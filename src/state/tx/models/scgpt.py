@@ -202,7 +202,7 @@ class ScGPTPerturbationModel(NamedCheckpointMixin, PerturbationModel):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch, sample_genes=False)
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["pert_name"]))
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["pert_name"]), sync_dist=True)
         return loss
 
     def configure_optimizers(self):

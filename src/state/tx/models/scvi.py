@@ -156,7 +156,7 @@ class ScVIPerturbationModel(NamedCheckpointMixin, PerturbationModel):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, nll = self.autoencode(batch)
         loss = nll.mean()
-        self.log("val_loss", loss, prog_bar=True, batch_size=nll.shape[0])
+        self.log("val_loss", loss, prog_bar=True, batch_size=nll.shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self):

@@ -274,16 +274,19 @@ class StateTransitionPerturbationModel(PerturbationModel):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, padded=True)
         # val_loss is the main loss only (no decoder term): checkpoints are chosen on it.
-        self._log_terms(losses, {"main": "val_loss"}, prog_bar=True)
+        # sync_dist: each rank validates its share of the sets; the epoch's value is the mean over all of them
+        # (Lightning sums value x sets and sets over the ranks, once per epoch).
+        self._log_terms(losses, {"main": "val_loss"}, prog_bar=True, sync_dist=True)
         self._log_terms(
             losses,
             {"decoder": "val/decoder_loss", "confidence": "val/confidence_loss", "actual": "val/actual_loss"},
+            sync_dist=True,
         )
         return losses["main"]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, padded=False)
-        self._log_terms(losses, {"main": "test_loss"})
+        self._log_terms(losses, {"main": "test_loss"}, sync_dist=True)
         return losses["main"]
 
     # ------------------------------------------------------------------ loading

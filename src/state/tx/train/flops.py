@@ -65,9 +65,8 @@ class FlopsMonitor(Callback):
             available = float(self.mfu.get("available_flops", 0) or 0)
             if available > 0 and len(self._times) >= 2 and step % interval == 0:
                 elapsed = (self._times[-1] - self._times[0]) / (len(self._times) - 1)
-                if elapsed > 0:
-                    world = max(1, trainer.world_size)
-                    metrics["mfu (%)"] = 100.0 * self.flops_per_batch / elapsed / (available * world)
+                if elapsed > 0:  # per GPU: this rank's FLOPs over one device's peak (each rank runs its own batch)
+                    metrics["mfu (%)"] = 100.0 * self.flops_per_batch / elapsed / available
         if "mfu (%)" in metrics or _logger_writes_this_step(trainer):
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False, sync_dist=False)
 

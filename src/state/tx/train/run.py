@@ -195,15 +195,19 @@ def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers
     )
 
 
-def _strategy(requested: Any, model: Any, dm: Any) -> Any:
+def _strategy(training: Mapping[str, Any], model: Any, dm: Any) -> Any:
     """DDP refuses parameters that get no gradient; the gene decoder gets none when the data carry no
-    expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones."""
-    from state.training.trainer import strategy_for
+    expression targets (e.g. embed_key=X_hvg with output_space=gene), so let DDP look for unused ones.
+    ``strategy: auto`` over several processes is ddp, with the same handling."""
+    from state.training.trainer import process_count, strategy_for
 
+    requested = training.get("strategy", "auto")
+    processes = process_count(training.get("devices", 1), training.get("num_nodes") or 1)
     decoder_idle = getattr(model, "gene_decoder", None) is not None and not getattr(dm, "store_raw_expression", True)
-    strategy = strategy_for(requested, find_unused_parameters=decoder_idle)
-    if requested == "ddp" and strategy != requested:
-        log.info("strategy ddp -> %s: the gene decoder has no targets in this data", strategy)
+    strategy = strategy_for(requested, processes=processes, find_unused_parameters=decoder_idle)
+    if decoder_idle and not isinstance(strategy, str):
+        log.info("strategy %s -> ddp with find_unused_parameters: the gene decoder has no targets in this data",
+                 requested)
     return strategy
 
 
@@ -237,6 +241,36 @@ def train(cfg: Any) -> TrainResult:
         torch.set_float32_matmul_precision(previous)
 
 
+def _agreed_plan(plain: Mapping[str, Any]) -> tuple[rundir.RunDirPlan, Any]:
+    """What this launch does with ``output_dir/name``: rank 0 decides (start, resume or refuse), the
+    other ranks take its decision (:mod:`state.training.launch`); also the decision file, or None."""
+    from state.training.launch import decision_for
+    from state.training.runlock import RunDirLock
+    from state.training.trainer import process_count
+
+    training, rank = plain["training"], global_rank()
+    processes = process_count(training.get("devices", 1), training.get("num_nodes") or 1)
+    handshake = decision_for(plain["output_dir"], str(plain["name"]), rank=rank, processes=processes)
+    if rank != 0:  # a rank other than 0 runs this function too: it must not touch the folder
+        decision = handshake.receive(rank=rank)
+        return rundir.worker_plan(plain["output_dir"], plain["name"], decision.get("resume_from")), handshake
+    if handshake is not None:
+        handshake.clear_stale()
+    try:
+        # Before anything is written (overwrite=true would delete a live job's folder); the Trainer
+        # then holds the lock for the whole fit.
+        RunDirLock(Path(str(plain["output_dir"])).expanduser() / str(plain["name"])).check_free()
+        plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
+    except StateError as exc:
+        if handshake is not None:
+            handshake.refuse(exc)
+        raise
+    if handshake is not None:
+        handshake.publish({"resume_from": str(plan.resume_from) if plan.resume_from else None,
+                           "overwrite": plan.delete_first})
+    return plan, handshake
+
+
 def _train(cfg: Any) -> TrainResult:
     import lightning.pytorch as pl
 
@@ -249,15 +283,7 @@ def _train(cfg: Any) -> TrainResult:
     data_kwargs = tx_data.effective_data_kwargs(plain["data"].get("kwargs") or {})
     batch_size, set_len = _batch_shape(plain)
     tx_data.check_data_inputs(data_kwargs)
-    if is_rank_zero:
-        from state.training.runlock import RunDirLock
-
-        # Before anything is written (overwrite=true would delete a live job's folder); the Trainer
-        # then holds the lock for the whole fit.
-        RunDirLock(Path(str(plain["output_dir"])).expanduser() / str(plain["name"])).check_free()
-        plan = rundir.plan_run_dir(plain["output_dir"], plain["name"], overwrite=bool(plain.get("overwrite")))
-    else:  # a DDP worker Lightning started re-runs this function: it must not touch the folder
-        plan = rundir.worker_plan(plain["output_dir"], plain["name"])
+    plan, handshake = _agreed_plan(plain)
 
     pl.seed_everything(int(training.get("train_seed", 42)), workers=True, verbose=False)
     dm = tx_data.build_data_module(plain["data"].get("name", "PerturbationDataModule"), data_kwargs,
@@ -297,6 +323,8 @@ def _train(cfg: Any) -> TrainResult:
     finally:
         if is_rank_zero:
             lock.release()  # normally already released by the Trainer's lock callback
+            if handshake is not None:
+                handshake.retract()  # every rank read it before the processes could meet to train
 
 
 def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan, *, model_name: str,
@@ -314,7 +342,7 @@ def _fit(plain: Mapping[str, Any], model: Any, dm: Any, plan: rundir.RunDirPlan,
 
     resume_step = _resume_step(plan.resume_from)
     loggers = _loggers(plain, run_dir, resume_step) if is_rank_zero else []
-    strategy = _strategy(plain["training"].get("strategy", "auto"), model, dm)
+    strategy = _strategy(plain["training"], model, dm)
     trainer = _trainer(plain, run_dir, max_steps=_max_steps(plain), loggers=loggers, model_name=model_name,
                        strategy=strategy)
     fit_or_stop(trainer, model, datamodule=dm, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
