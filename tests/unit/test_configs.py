@@ -73,7 +73,7 @@ ARC_RUN_OVERRIDES = {
     "context_mean": ["model=context_mean", "+model.kwargs.decoder_hidden_dims=[48,48]"],
 }  # fmt: skip
 # keys this implementation adds to arc-state's tree (cell-load ignores unknown data.kwargs)
-ADDED_KEYS = {("training", "precision"), ("data", "kwargs", "fast_loader"), ("data", "kwargs", "fast_loader_dir"),
+ADDED_KEYS = {("training", "precision"), ("training", "optimizer"), ("data", "kwargs", "fast_loader"), ("data", "kwargs", "fast_loader_dir"),
               ("data", "kwargs", "fast_loader_windows")}
 
 
