@@ -104,22 +104,17 @@ def _apply_optimizer_choice(model: Any, training: Mapping[str, Any], model_name:
     log.info("optimizer: AdamW, weight_decay=%g", model.decoupled_weight_decay)
 
 
-def _apply_init_from(model: Any, init_from: Any) -> None:
-    """Fine-tuning start (``model.kwargs.init_from``): copy the weights whose names and shapes match;
-    the rest stay fresh."""
+def _apply_init_from(model: Any, init_from: Any, dm: Any, var_dims: Mapping[str, Any],
+                     data_kwargs: Mapping[str, Any]) -> None:
+    """Fine-tuning start (``model.kwargs.init_from``): the checkpoint's weights, perturbation / gene /
+    batch rows mapped by name (:mod:`state.tx.train.init_from`); the rest stay fresh."""
     if not init_from:
         return
-    from state.tx.checkpoint import read_checkpoint
+    from state.tx.train.init_from import init_from_checkpoint, target_vocabulary
 
-    source = read_checkpoint(init_from)["state_dict"]
-    own = model.state_dict()
-    matching = {k: v for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-    if not matching:
-        raise StateError(f"model.kwargs.init_from={init_from}: no weight of that checkpoint fits this model",
-                         hint="check that it is a State Transition checkpoint of a compatible size")
-    model.load_state_dict(matching, strict=False)
-    log.info("init_from %s: copied %d of %d tensors (%d skipped: missing or different shape)",
-             init_from, len(matching), len(own), len(own) - len(matching))
+    target = target_vocabulary(dm, var_dims, data_kwargs.get("embed_key"))
+    report = init_from_checkpoint(model, init_from, target)
+    log.info("%s", report.table())
 
 
 def _write_run_files(run_dir: Path, cfg: Any, dm: Any, var_dims: Mapping[str, Any]) -> None:
@@ -297,7 +292,7 @@ def _train(cfg: Any) -> TrainResult:
     model = _build_model(plain, model_data_kwargs, var_dims)
     _apply_optimizer_choice(model, training, model_name)
     if plan.resume_from is None:
-        _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"))
+        _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"), dm, var_dims, data_kwargs)
     check_resume_fits(model, plan.resume_from, plan.path)
 
     run_dir = plan.path
