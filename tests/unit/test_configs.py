@@ -72,9 +72,12 @@ ARC_RUN_OVERRIDES = {
     "perturb_mean": ["model=perturb_mean", "+model.kwargs.decoder_hidden_dims=[48,48]"],
     "context_mean": ["model=context_mean", "+model.kwargs.decoder_hidden_dims=[48,48]"],
 }  # fmt: skip
+# models whose 0.11.3 YAML adds log1p_from_raw_counts / counts_target_sum (arc-state PR #274)
+ARC_0113_MODELS = {"state", "perturb_mean", "context_mean"}
 # keys this implementation adds to arc-state's tree (cell-load ignores unknown data.kwargs)
-ADDED_KEYS = {("training", "precision"), ("data", "kwargs", "fast_loader"), ("data", "kwargs", "fast_loader_dir"),
-              ("data", "kwargs", "fast_loader_windows"), ("data", "kwargs", "prefetch_bytes")}
+ADDED_KEYS = {("training", "precision"), ("training", "optimizer"), ("data", "kwargs", "fast_loader"),
+              ("data", "kwargs", "fast_loader_dir"), ("data", "kwargs", "fast_loader_windows"),
+              ("data", "kwargs", "prefetch_bytes")}
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +205,27 @@ def test_arc_state_run_config_is_reproduced_key_for_key(run):
         for name in parents:
             node = node[name]
         node.pop(key)
+    kwargs = ours["model"]["kwargs"]
+    choice = next(o.split("=")[1] for o in ARC_RUN_OVERRIDES[run] if o.startswith("model="))
+    if choice in ARC_0113_MODELS:  # 0.11.3's two keys, absent from 0.11.1's files
+        assert (kwargs.pop("log1p_from_raw_counts"), kwargs.pop("counts_target_sum")) == (False, 10000)
     assert ours == expected
     assert _key_paths(ours) == _key_paths(expected)
+
+
+def test_arc_state_0_11_3_override_lines_work_without_plus():
+    """0.11.3 ships the raw-count keys in model/state|perturb_mean|context_mean.yaml; its users' lines
+    (no `+`) compose, and so do the `+` lines written for 0.11.1."""
+    for choice in sorted(ARC_0113_MODELS):
+        cfg = compose_tx_config([f"model={choice}", "model.kwargs.log1p_from_raw_counts=true",
+                                 "model.kwargs.counts_target_sum=5000", "+data.kwargs.is_log1p=false"])
+        assert (cfg.model.kwargs.log1p_from_raw_counts, cfg.model.kwargs.counts_target_sum) == (True, 5000)
+        keys = list(cfg.model.kwargs)  # 0.11.3's position: both keys side by side
+        assert keys.index("counts_target_sum") == keys.index("log1p_from_raw_counts") + 1
+    cfg = compose_tx_config(["+model.kwargs.log1p_from_raw_counts=true", "+model.kwargs.counts_target_sum=100"])
+    assert cfg.model.kwargs.log1p_from_raw_counts is True and cfg.model.kwargs.counts_target_sum == 100
+    with pytest.raises(StateError, match="unknown config key 'model.kwargs.log1p_from_raw_counts'"):
+        compose_tx_config(["model=state_sm", "model.kwargs.log1p_from_raw_counts=true"])  # not in 0.11.3's
 
 
 def test_interpolations_follow_overrides():

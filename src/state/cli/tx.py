@@ -110,6 +110,12 @@ def _add_infer(sub) -> None:
                    help="write integer counts to X instead of log1p values: expm1 of the prediction scaled to "
                    "library sizes drawn from the input's control cells, rounded by the given rule "
                    "(default stochastic), reproducible with --seed; recorded in uns['state_counts']")
+    p.add_argument("--full-genes", "--full_genes", dest="full_genes", nargs="?", const=True, default=False,
+                   metavar="GENE_LIST",
+                   help="write every gene, not only the model's (e.g. its HVGs): modelled genes from the prediction, "
+                   "the others from the control cell each simulated cell started from (input X, log1p), in the order "
+                   "of the input's var or of GENE_LIST (one name per line; listed genes missing from the input are "
+                   "refused); --output-counts then applies to every gene")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help=argparse.SUPPRESS)  # July-2025 flag, accepted and unused
     p.set_defaults(handler="state.cli.tx_handlers:infer")

@@ -91,6 +91,7 @@ def infer(args: argparse.Namespace) -> int:
         global_control_fallback=args.global_control_fallback,
         counts_method=args.output_counts,
         verbose=args.verbose,
+        full_genes=args.full_genes,
     )
     log.info("wrote %s", output)
     return 0

@@ -19,6 +19,8 @@ from state.utils.errors import collect_errors
 OUTPUT_SPACES = ("gene", "all", "embedding")
 BASAL_MAPPING_STRATEGIES = ("random", "batch")
 DATA_MODULE_NAME = "PerturbationDataModule"
+# training.optimizer: arc-state's Adam (no weight decay), or AdamW with training.weight_decay.
+OPTIMIZERS = ("adam", "adamw")
 # Lightning's accepted precision spellings (Trainer(precision=...)).
 PRECISIONS = (
     "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
@@ -187,6 +189,16 @@ def _training_problems(cfg: DictConfig) -> list[str]:
             f"training.precision={precision!r} is not a Lightning precision "
             "(e.g. training.precision=32-true, bf16-mixed, 16-mixed)"
         )
+    optimizer = training.get("optimizer", "adam")
+    if optimizer not in OPTIMIZERS:
+        problems.append(f"training.optimizer={optimizer!r} is not one of {'|'.join(OPTIMIZERS)} "
+                        "(adamw applies training.weight_decay)")
+    every = training.get("ckpt_every_n_steps")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+        problems.append(f"training.ckpt_every_n_steps={every!r} must be a step count, 0 or null (off)")
+    wd = training.get("weight_decay")
+    if optimizer == "adamw" and (not isinstance(wd, int | float) or isinstance(wd, bool) or wd < 0):
+        problems.append(f"training.weight_decay={wd!r} must be a number >= 0 with training.optimizer=adamw")
     return problems
 
 

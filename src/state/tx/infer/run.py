@@ -15,8 +15,16 @@ from state.io.columns import ColumnChoices, InputColumns, resolve_columns
 from state.io.hvg_names import HVG_NAMES_KEY, HVG_OBSM_KEY, MISSING_WARNING, get_hvg_var_names
 from state.tx.infer import counts as infer_counts
 from state.tx.infer import edits as infer_edits
+from state.tx.infer import full_genes as infer_full
 from state.tx.infer.edits import InputEdits
-from state.tx.infer.simulate import CLIP_MAX, SimulationResult, feature_reader, plan_windows, simulate
+from state.tx.infer.simulate import (
+    CLIP_MAX,
+    SimulationResult,
+    basal_rows,
+    feature_reader,
+    plan_windows,
+    simulate,
+)
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -94,12 +102,15 @@ def run_infer(
     global_control_fallback: bool = False,
     counts_method: str | None = None,
     verbose: bool = False,
+    full_genes: bool | str | Path = False,
 ) -> Path:
     """``state tx infer``: simulate every cell of ``adata_path`` with a run's checkpoint; returns the output path.
 
     ``columns`` default to the command's (``--pert-col drugname_drugconc``, auto-detected cell
     types, .X features); ``edits`` to none. ``counts_method`` (``--output-counts``) writes integer
-    counts instead of log1p values (:mod:`state.tx.infer.counts`).
+    counts instead of log1p values (:mod:`state.tx.infer.counts`). ``full_genes`` (``--full-genes``:
+    True, or a gene list file) writes every gene, the unmodelled ones from the basal control cells
+    (:mod:`state.tx.infer.full_genes`).
     """
     from state.io.anndata_checks import read_h5ad_checked
     from state.tx.infer.predictor import load_predictor
@@ -113,6 +124,10 @@ def run_infer(
                             source=str(adata_path))
     check_finite_features(adata, roles.embed_key, source=str(adata_path))
     hvg_names, hvg_status = hvg_names_of_input(adata, roles.embed_key, quiet=quiet, verbose=verbose)
+    axis = None
+    if full_genes:
+        axis = infer_full.plan_axis(adata, predictor.genes, None if full_genes is True else full_genes,
+                                    output_space=predictor.output_space, output=output, source=str(adata_path))
     counts_plan = None
     if counts_method is not None:  # library sizes come from the input as read (the edits may drop layers)
         counts_plan = infer_counts.plan_counts(adata, roles, method=counts_method, seed=seed,
@@ -133,11 +148,19 @@ def run_infer(
         with atomic_path(output) as tmp:
             np.save(tmp, main.astype(np.float32, copy=False))
         return output
+    full = None
+    if axis is not None:  # before write_predictions clips the prediction in place and replaces X
+        genes = predictor.genes or []
+        prediction = infer_full.gene_prediction(result, genes, predictor.model_embed_key)
+        full = infer_full.full_gene_matrix(adata, axis, prediction, genes, result.basal)
     adata = write_predictions(adata, result.preds, result.counts, embed_key=roles.embed_key,
                               output_space=predictor.output_space)
+    if full is not None:
+        adata = infer_full.with_full_genes(adata, axis, full)
     if counts_plan is not None:
-        in_x = infer_counts.prediction_in_x(embed_key=roles.embed_key, output_space=predictor.output_space,
-                                            preds=result.preds, counts=result.counts, n_vars=adata.n_vars)
+        in_x = full is not None or infer_counts.prediction_in_x(
+            embed_key=roles.embed_key, output_space=predictor.output_space, preds=result.preds,
+            counts=result.counts, n_vars=adata.n_vars)
         adata = infer_counts.apply_counts(counts_plan, adata, in_x=in_x)
     atomic_write_h5ad(adata, output)
     return output
@@ -177,6 +200,7 @@ def simulate_anndata(
     result = simulate(predictor, windows, read, n_cells=adata.n_obs, pert_vectors=predictor.pert_vector,
                       batch_index=batch_index, cell_types=groups, quiet=quiet)
     result.preds = keep_unpredicted(result.preds, result.done, adata, columns.embed_key)
+    result.basal = basal_rows(windows, adata.n_obs)
     return result
 
 

@@ -114,6 +114,15 @@ class SimulationResult:
     preds: np.ndarray  # [n_cells, output_dim], rows without a control pool keep NaN
     counts: np.ndarray | None  # decoded gene-space predictions when the model has a decoder
     done: np.ndarray  # bool [n_cells]: rows that were predicted
+    basal: np.ndarray | None = None  # [n_cells]: the input row each row's basal cell came from, -1 if none
+
+
+def basal_rows(windows: list[Window], n_cells: int) -> np.ndarray:
+    """The basal (control) input row each row was simulated from; -1 where none."""
+    basal = np.full(n_cells, -1, dtype=np.int64)
+    for window in windows:
+        basal[window.rows] = window.basal
+    return basal
 
 
 def simulate(

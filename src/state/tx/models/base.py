@@ -19,7 +19,8 @@ Subclass contract:
   ``pert_cell_counts``, ``pert_name``, ``celltype_name``, ``batch``, ``ctrl_cell_emb``, the two
   barcodes, and the decoded ``pert_cell_counts_preds`` when a gene decoder exists);
 * the optimizer is one ``Adam(self.parameters(), lr)`` over ALL parameters in registration order
-  (frozen ones included), so arc-state optimizer states line up when resuming.
+  (frozen ones included), so arc-state optimizer states line up when resuming (``AdamW`` with
+  ``training.optimizer=adamw``, same state layout).
 """
 
 from __future__ import annotations
@@ -43,17 +44,22 @@ log = logging.getLogger(__name__)
 OUTPUT_SPACES = ("embedding", "gene", "all")
 
 
-def adam(params: Any, *, lr: float, fused: bool = True) -> torch.optim.Adam:
+def adam(params: Any, *, lr: float, fused: bool = True, weight_decay: float = 0.0) -> torch.optim.Adam:
     """``torch.optim.Adam`` (arc-state's optimizer and defaults), with ``fused``, using PyTorch's fused
     update kernel when every parameter is a float tensor on CPU or CUDA: the same update rule in one
     kernel per step instead of a loop over tensors (~3x faster per step for a small model on CPU).
     Without it, CUDA parameters take the multi-tensor (``foreach``) update. The state dict has the
-    same layout, so checkpoints resume either way."""
+    same layout, so checkpoints resume either way.
+
+    ``weight_decay`` > 0 gives ``AdamW`` (decoupled decay; ``training.optimizer=adamw``) instead."""
     params = list(params)
     supported = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     fused = fused and bool(params) and supported
     on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=True if on_cuda and not fused else None)
+    foreach = True if on_cuda and not fused else None
+    if weight_decay > 0:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, foreach=foreach)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=foreach)
 
 
 def _check_output_space(output_space: str) -> None:
@@ -68,6 +74,13 @@ def _check_output_space(output_space: str) -> None:
 
 class PerturbationModel(LightningModule):
     """Base LightningModule: hyper-parameter capture, the gene decoder, Adam, predict_step."""
+
+    # Whether configure_optimizers follows ``training.optimizer`` (False: the model has its own
+    # optimizer settings, e.g. ``training.wd`` of the CPA / scVI / scGPT training files).
+    honours_optimizer_choice = True
+    # AdamW's decoupled weight decay, set by `tx train` for training.optimizer=adamw. Not a
+    # hyper-parameter: it only shapes the optimizer, and arc-state's checkpoints carry no such key.
+    decoupled_weight_decay = 0.0
 
     def __init__(
         self,
@@ -169,7 +182,8 @@ class PerturbationModel(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adam(self.parameters(), lr=self.lr, fused=not self._scaler_must_unscale())
+        return adam(self.parameters(), lr=self.lr, fused=not self._scaler_must_unscale(),
+                    weight_decay=self.decoupled_weight_decay)
 
     def _scaler_must_unscale(self) -> bool:
         """16-mixed with clipping: the GradScaler has to unscale the gradients before they are clipped,

@@ -69,6 +69,7 @@ def read_pretrained_folder(path: str | Path) -> tuple[dict[str, int], dict[str, 
 
 class ScGPTPerturbationModel(NamedCheckpointMixin, PerturbationModel):
     zoo_name = "scgpt-genetic"
+    honours_optimizer_choice = False  # Adam(lr, training.wd) of its own training file
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("hidden_dim", kwargs.get("embsize", 512))

@@ -41,6 +41,8 @@ EXPR_TRANSFORMS = ("none", "log1p")
 class ScVIPerturbationModel(NamedCheckpointMixin, PerturbationModel):
     """Latent perturbation autoencoder; defaults are scVI's (variational, ZINB)."""
 
+    honours_optimizer_choice = False  # Adam(lr, training.wd) of its own training file
+
     zoo_name = "scvi"
     # model.kwargs / training keys this class reads, with the value used when a config omits one.
     settings_defaults: ClassVar[dict[str, Any]] = {

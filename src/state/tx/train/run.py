@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Training keys this implementation adds to arc-state's config. They are kept out of the model's
 # hyper-parameters so checkpoints carry exactly arc-state's keys.
-OWN_TRAINING_KEYS = frozenset({"precision"})
+OWN_TRAINING_KEYS = frozenset({"precision", "optimizer"})
 CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt", "final.ckpt")
 
 
@@ -92,22 +92,29 @@ def _build_model(plain: Mapping[str, Any], data_kwargs: Mapping[str, Any], var_d
                          hint="check the model.kwargs.* overrides") from exc
 
 
-def _apply_init_from(model: Any, init_from: Any) -> None:
-    """Fine-tuning start (``model.kwargs.init_from``): copy the weights whose names and shapes match;
-    the rest stay fresh."""
+def _apply_optimizer_choice(model: Any, training: Mapping[str, Any], model_name: str) -> None:
+    """``training.optimizer=adamw``: AdamW with ``training.weight_decay`` (arc-state's Adam has none, and
+    its ``weight_decay`` key is inert; decay changes the weights, so it is opt-in)."""
+    if training.get("optimizer", "adam") != "adamw":
+        return
+    if not getattr(model, "honours_optimizer_choice", False):
+        raise StateError(f"training.optimizer=adamw does not apply to model '{model_name}': it has its own "
+                         "optimizer settings", hint="drop training.optimizer=adamw (this model reads training.wd)")
+    model.decoupled_weight_decay = float(training.get("weight_decay") or 0.0)
+    log.info("optimizer: AdamW, weight_decay=%g", model.decoupled_weight_decay)
+
+
+def _apply_init_from(model: Any, init_from: Any, dm: Any, var_dims: Mapping[str, Any],
+                     data_kwargs: Mapping[str, Any]) -> None:
+    """Fine-tuning start (``model.kwargs.init_from``): the checkpoint's weights, perturbation / gene /
+    batch rows mapped by name (:mod:`state.tx.train.init_from`); the rest stay fresh."""
     if not init_from:
         return
-    from state.tx.checkpoint import read_checkpoint
+    from state.tx.train.init_from import init_from_checkpoint, target_vocabulary
 
-    source = read_checkpoint(init_from)["state_dict"]
-    own = model.state_dict()
-    matching = {k: v for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-    if not matching:
-        raise StateError(f"model.kwargs.init_from={init_from}: no weight of that checkpoint fits this model",
-                         hint="check that it is a State Transition checkpoint of a compatible size")
-    model.load_state_dict(matching, strict=False)
-    log.info("init_from %s: copied %d of %d tensors (%d skipped: missing or different shape)",
-             init_from, len(matching), len(own), len(own) - len(matching))
+    target = target_vocabulary(dm, var_dims, data_kwargs.get("embed_key"))
+    report = init_from_checkpoint(model, init_from, target)
+    log.info("%s", report.table())
 
 
 def _write_run_files(run_dir: Path, cfg: Any, dm: Any, var_dims: Mapping[str, Any]) -> None:
@@ -146,6 +153,12 @@ def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> l
         ),
         BatchSpeedMonitor(interval=50),
     ]
+    every = _ckpt_every(training)
+    if every:
+        # last.ckpt on its own step interval (arc-state reads the key but ignores it): a cluster job
+        # resumes from at most `every` steps back, however rarely it validates. Weights unaffected.
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / rundir.CHECKPOINT_DIR, save_top_k=0, save_last=True,
+                                         every_n_train_steps=every))
     if registry.model_entry(model_name).extra_training_logs:
         from state.tx.train.flops import FlopsMonitor
 
@@ -160,6 +173,12 @@ def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> l
 
 def _val_freq(training: Mapping[str, Any]) -> int:
     return int(training.get("val_freq") or 2000)
+
+
+def _ckpt_every(training: Mapping[str, Any]) -> int | None:
+    """The extra last.ckpt interval, or None when off (0 / null) or already that of the val_freq checkpoint."""
+    every = int(training.get("ckpt_every_n_steps") or 0)
+    return every if every > 0 and every != _val_freq(training) else None
 
 
 def _trainer(plain: Mapping[str, Any], run_dir: Path, *, max_steps: int, loggers: list, model_name: str,
@@ -297,8 +316,9 @@ def _train(cfg: Any) -> TrainResult:
     # arc-state builds the model from the kwargs dict cell-load filled in (batch_size, cell_sentence_len).
     model_data_kwargs = {**data_kwargs, "batch_size": batch_size, "cell_sentence_len": set_len}
     model = _build_model(plain, model_data_kwargs, var_dims)
+    _apply_optimizer_choice(model, training, model_name)
     if plan.resume_from is None:
-        _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"))
+        _apply_init_from(model, (plain["model"].get("kwargs") or {}).get("init_from"), dm, var_dims, data_kwargs)
     check_resume_fits(model, plan.resume_from, plan.path)
 
     run_dir = plan.path
