@@ -87,10 +87,9 @@ class SEEmbedder:
         for first, rows in chunks:
             if first % SAMPLING_BLOCK:
                 raise ValueError(f"chunk start {first} is not a multiple of {SAMPLING_BLOCK}")
-            n = rows.shape[0]
-            yield first, n, [
+            yield first, [
                 self.tokenize((first + off) // SAMPLING_BLOCK, rows[off : off + SAMPLING_BLOCK])
-                for off in range(0, n, SAMPLING_BLOCK)
+                for off in range(0, rows.shape[0], SAMPLING_BLOCK)
             ]
 
     def embed_chunks(self, chunks: Iterable[tuple[int, sp.spmatrix | np.ndarray]], *,
@@ -99,7 +98,7 @@ class SEEmbedder:
 
         The chunks are read (the iterator is advanced) and tokenized in a background thread.
         """
-        for first, n, blocks in prefetched(self._tokenized_chunks(chunks), prefetch):
+        for first, blocks in prefetched(self._tokenized_chunks(chunks), prefetch):
             parts = [self.embed_sentences(ids, counts) for ids, counts in blocks]
             yield first, np.concatenate(parts) if parts else np.empty((0, self.width), np.float32)
         if self.builder.nan_cells:

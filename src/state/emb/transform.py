@@ -118,6 +118,7 @@ class TransformResult:
     n_cells: int
     width: int
     outputs: list[str] = field(default_factory=list)
+    computed_units: int = 0  # sharded runs: work units computed by this call (done ones are skipped)
 
 
 def transform(
