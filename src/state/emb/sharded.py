@@ -167,7 +167,8 @@ def make_plan(inputs, *, output, lancedb, model_folder, checkpoint, config, embe
                          hint=f"pass a multiple of {SAMPLING_BLOCK} (the tokenizer's sampling block)")
     paths = expand_inputs(inputs)
     outputs = _outputs(paths, output, output_format)
-    _check_targets(outputs[0], lancedb, batch_size)
+    if output is None and lancedb is None:
+        _check_targets(None, None, batch_size)  # "nothing to write", before the model is loaded
     if work_dir is None:
         anchor = output if output is not None else lancedb
         work_dir = Path(str(anchor).rstrip("/\\") + ".parts")
@@ -187,6 +188,7 @@ def make_plan(inputs, *, output, lancedb, model_folder, checkpoint, config, embe
             check_table_compatible(Path(lancedb), record_schema(width, obs))
         plans.append(InputPlan(path, path.stem, len(obs), mapping, reader.kind == "csc", out))
         identities[path.stem] = input_identity(path, n_obs=len(obs), n_vars=len(var), genes=mapping.local_to_global)
+    _check_targets(outputs[0], lancedb, batch_size)  # creates the output folder: only once the inputs are fine
     work = WorkDir(work_dir)
     manifest = {"model_sha256": model_identity(loaded.model), "checkpoint": str(loaded.checkpoint_path),
                 "seed": seed, "unit_rows": unit_rows, "width": width, "inputs": identities}

@@ -159,8 +159,9 @@ class WorkDir:
 
     def drop_arrays(self, stem: str) -> None:
         """After a merge: the unit arrays go, the entries and markers stay (a rerun then has nothing to do)."""
-        for path in (self.path / stem).glob("u*.npy"):
-            path.unlink(missing_ok=True)
+        for pattern in ("u*.npy", ".u*"):  # ".u*": temporary files of writes cut short by a kill
+            for path in (self.path / stem).glob(pattern):
+                path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ markers (merge bookkeeping)
     def marker(self, stem: str, name: str) -> Path:
