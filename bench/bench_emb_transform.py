@@ -17,6 +17,9 @@ Modes (each runs the CLI in child processes, se_tiny checkpoint, ``.npy`` output
 
     python bench/bench_emb_transform.py ratio --cells 10000 40000 --repeats 3 --write-md
     python bench/bench_emb_transform.py scale --cells 200000 1000000 --write-md
+    python bench/bench_emb_transform.py sharded --cells 200000 --mid-cells 4096 --kill-cells 50000 --threads 1 --write-md
+
+``sharded`` (one process vs ``--devices 2``, the overlap, kill -9 + rerun) lives in emb_transform_sharded.py.
 """
 
 from __future__ import annotations
@@ -286,7 +289,7 @@ def md_section(name: str, lines: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["ratio", "scale"])
+    parser.add_argument("mode", choices=["ratio", "scale", "sharded"])
     parser.add_argument("--cells", type=int, nargs="+", default=[10_000, 40_000])
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--nnz-per-cell", type=int, default=1500, help="non-vocabulary expressed genes (mean)")
@@ -299,12 +302,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's (se_tiny: 16)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--delete-inputs", action="store_true", help="scale: delete each input after its run")
+    parser.add_argument("--mid-cells", type=int, default=4096, help="sharded: cells for the mid-size model")
+    parser.add_argument("--kill-cells", type=int, default=50_000, help="sharded: cells of the kill -9 input")
     parser.add_argument("--write-md", action="store_true")
     args = parser.parse_args()
     if not shutil.which(OURS) and not Path(OURS).exists():
         sys.exit(f"`state` not found at {OURS}")
     (WORK / "emb").mkdir(parents=True, exist_ok=True)
-    ratio(args) if args.mode == "ratio" else scale(args)
+    if args.mode == "sharded":
+        import emb_transform_sharded
+
+        emb_transform_sharded.run(args, input_file)
+    else:
+        ratio(args) if args.mode == "ratio" else scale(args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def _add_transform(sub) -> None:
                    help="folder with *.ckpt and protein_embeddings*.pt")
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint (wins over the folder)")
     p.add_argument("--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
-    p.add_argument("--input", required=True, help="input h5ad")
+    p.add_argument("--input", required=True, action="append",
+                   help="input h5ad; repeat it, or pass a folder (its *.h5ad) or a quoted glob, for several files")
     p.add_argument("--output", default=None, help=".h5ad (embeddings in obsm[--embed-key]) or .npy")
     p.add_argument("--embed-key", "--embed_key", dest="embed_key", default="X_state", help="obsm key")
     p.add_argument("--protein-embeddings", "--protein_embeddings", dest="protein_embeddings", default=None,
@@ -41,6 +42,20 @@ def _add_transform(sub) -> None:
     p.add_argument("--gene-column", "--gene_column", dest="gene_column", default=None,
                    help="var column with gene names (default: auto-detect)")
     p.add_argument("--seed", type=int, default=None, help="seed gene sampling for bit-identical output")
+    work = p.add_argument_group(
+        "several files / processes / machines (resumable: finished work units are kept and skipped on a rerun)")
+    work.add_argument("--shard", default=None, metavar="I/N",
+                      help="compute only shard I of N (I from 0), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; "
+                           "then run the command again with --merge")
+    work.add_argument("--devices", type=int, default=None, metavar="K",
+                      help="K local processes (one per GPU; gloo processes on CPU), merged at the end")
+    work.add_argument("--merge", action="store_true", help="assemble the outputs once every shard is done")
+    work.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
+                      help="work units and manifest (default: <output or lancedb>.parts)")
+    work.add_argument("--unit-rows", "--unit_rows", dest="unit_rows", type=int, default=None,
+                      help="rows per work unit, a multiple of 1024 (default 8192)")
+    work.add_argument("--output-format", "--output_format", dest="output_format", choices=("h5ad", "npy"),
+                      default=None, help="file type written per input when --output is a folder (default h5ad)")
     p.set_defaults(handler="state.cli.emb_handlers:transform")
 
 

@@ -27,17 +27,39 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def transform(args: argparse.Namespace) -> int:
-    from state.emb.transform import transform as run_transform
+def _is_plain_transform(args: argparse.Namespace) -> bool:
+    """One existing file and none of the sharding flags: the original single-process transform."""
+    from pathlib import Path
 
+    sharding = (args.shard, args.devices, args.work_dir, args.unit_rows, args.output_format)
+    return (len(args.input) == 1 and not args.merge and all(v is None for v in sharding)
+            and not Path(args.input[0]).is_dir() and (Path(args.input[0]).exists() or not any(c in args.input[0] for c in "*?[")))
+
+
+def transform(args: argparse.Namespace) -> int:
     if args.lancedb_update:
         log.debug("--lancedb-update: the table is always appended to")
-    run_transform(
-        args.input, output=args.output, lancedb=args.lancedb, model_folder=args.model_folder,
+    common = dict(
+        output=args.output, lancedb=args.lancedb, model_folder=args.model_folder,
         checkpoint=args.checkpoint, config=args.config, embed_key=args.embed_key,
         protein_embeddings=args.protein_embeddings, batch_size=args.batch_size,
         gene_column=args.gene_column, seed=args.seed, lancedb_batch_size=args.lancedb_batch_size,
     )
+    if _is_plain_transform(args):
+        from state.emb.transform import transform as run_transform
+
+        run_transform(args.input[0], **common)
+        return 0
+    from state.emb.sharded import transform_many
+    from state.emb.transform import DEFAULT_CHUNK_ROWS
+    from state.emb.work_units import parse_shard
+
+    result = transform_many(
+        args.input, **common, shard=parse_shard(args.shard), devices=args.devices, merge=args.merge,
+        work_dir=args.work_dir, unit_rows=args.unit_rows or DEFAULT_CHUNK_ROWS,
+        output_format=args.output_format or "h5ad",
+    )
+    log.info("%d work units computed by this run", result.computed_units)
     return 0
 
 

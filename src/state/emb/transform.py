@@ -118,6 +118,7 @@ class TransformResult:
     n_cells: int
     width: int
     outputs: list[str] = field(default_factory=list)
+    computed_units: int = 0  # sharded runs: work units computed by this call (done ones are skipped)
 
 
 def transform(
@@ -137,10 +138,14 @@ def transform(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     device: str | None = None,
     max_csc_nnz: int = MAX_IN_MEMORY_CSC_NNZ,
+    prefetch: int | None = None,
 ) -> TransformResult:
-    """Embed every cell of ``input``; write ``output`` (.npy or .h5ad) and/or append to ``lancedb``."""
+    """Embed every cell of ``input``; write ``output`` (.npy or .h5ad) and/or append to ``lancedb``.
+
+    ``prefetch``: chunks read and tokenized ahead in a background thread (0: in line, as before; for benchmarks).
+    """
     from state.emb.checkpoint import load_se_model
-    from state.emb.embed import SEEmbedder
+    from state.emb.embed import PREFETCH_CHUNKS, SEEmbedder
     from state.emb.tokenize import SAMPLING_BLOCK, map_genes
     from state.emb.vectordb import check_table_compatible, record_schema, write_embeddings
     from state.utils.progress import progress
@@ -165,7 +170,8 @@ def transform(
         target = _open_target(stack, input_path, output, lancedb, embed_key, shape, csc_input=reader.kind == "csc")
 
         bar = stack.enter_context(progress(total=shape[0], desc="embedding", unit="cell"))
-        for first, emb in embedder.embed_chunks(reader.chunks(chunk_rows)):
+        for first, emb in embedder.embed_chunks(reader.chunks(chunk_rows),
+                                                        prefetch=PREFETCH_CHUNKS if prefetch is None else prefetch):
             target.store[first : first + emb.shape[0]] = emb
             bar.update(emb.shape[0])
 

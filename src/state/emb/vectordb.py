@@ -120,6 +120,13 @@ def check_table_compatible(db_path: Path, schema) -> None:
     table = _lancedb().connect(str(db_path)).open_table(TABLE_NAME)
     existing = {f.name: f.type for f in table.schema}
     ours = {f.name: f.type for f in schema}
+    width = getattr(existing.get("vector"), "list_size", None)
+    if width is not None and width != ours["vector"].list_size:
+        raise StateError(
+            f"cannot append to {db_path}/{TABLE_NAME}: it stores vectors of width {width}, this model gives "
+            f"{ours['vector'].list_size}",
+            hint="use a new --lancedb folder for this model, or the model whose embeddings fill the table",
+        )
     missing, extra = sorted(set(existing) - set(ours)), sorted(set(ours) - set(existing))
     differ = sorted(n for n in set(existing) & set(ours) if existing[n] != ours[n])
     if missing or extra or differ:
