@@ -256,9 +256,6 @@ def _fast_transfer_class(base: type) -> type:
                     return fast
             return leave_signals_to_parent(super().train_dataloader(test=test))
 
-        def val_dataloader(self) -> Any:
-            return leave_signals_to_parent(super().val_dataloader())
-
         def test_dataloader(self) -> Any:
             return leave_signals_to_parent(super().test_dataloader())
 
@@ -270,7 +267,7 @@ def _fast_transfer_class(base: type) -> type:
                 fast = selection.eval_loader(self, choice)
                 if fast is not None:
                     return fast
-            return super().val_dataloader()
+            return leave_signals_to_parent(super().val_dataloader())
 
         def _create_base_dataset(self, *args: Any, **kwargs: Any) -> Any:
             from state.tx.data import obsm_cache
