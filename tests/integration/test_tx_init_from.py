@@ -181,3 +181,15 @@ def test_another_backbone_is_one_line(screens, source_run, tmp_path, monkeypatch
     with pytest.raises(StateError, match=r"its backbone is not this model's \(transformer_backbone\.\S+ there, "
                                          r"transformer_backbone\.\S+ here\)"):
         _initial_state(monkeypatch, args)
+
+
+def test_lora_run_starts_from_a_plain_checkpoint(screens, source_run, tmp_path, monkeypatch):
+    ckpt = source_run / "checkpoints" / "final.ckpt"
+    source = safe_torch_load(ckpt)["state_dict"]
+    mapped, _ = _initial_state(monkeypatch, _args(screens["target"], tmp_path, "lora", f"model.kwargs.init_from={ckpt}",
+                                                  "model.kwargs.lora.enable=true"))
+    wrapped = [k for k in mapped if ".base_layer." in k]
+    assert wrapped
+    for key in wrapped:  # the frozen base weights are the checkpoint's; the adapters start fresh
+        plain = key.replace("base_model.model.", "").replace(".base_layer.", ".")
+        torch.testing.assert_close(mapped[key], source[plain], rtol=0, atol=0)

@@ -161,12 +161,23 @@ def _examples(keys: list[str]) -> str:
     return f"  ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
 
 
-def _source_key(key: str, source: Mapping[str, Any]) -> str | None:
-    """The source's name for ``key``; LoRA-wrapped layers also match a plain checkpoint's."""
-    if key in source:
-        return key
-    plain = key.replace("base_model.model.", "").replace(".base_layer.", ".")
-    return plain if plain != key and plain in source else None
+def _unwrapped(key: str) -> str:
+    """A backbone key without peft's LoRA wrapping (``base_model.model.`` / ``.base_layer.``)."""
+    return key.replace("base_model.model.", "").replace(".base_layer.", ".")
+
+
+def _key_matcher(source: Mapping[str, Any]):
+    """``key -> the source's name for it``: the same name, or the same layer with / without LoRA
+    wrapping (a LoRA run fine-tuned from a plain checkpoint, or the reverse; adapters match only
+    adapters). None when the source has no such tensor."""
+    by_plain = {_unwrapped(k): k for k in source if "lora_" not in k}
+
+    def match(key: str) -> str | None:
+        if key in source:
+            return key
+        return None if "lora_" in key else by_plain.get(_unwrapped(key))
+
+    return match
 
 
 def _mismatch(where: str, key: str, src: torch.Tensor, dst: torch.Tensor, why: str = "") -> StateError:
@@ -196,7 +207,7 @@ def _map_tensor(key: str, src: torch.Tensor, dst: torch.Tensor, axes: Mapping[in
         dst_names = target.names(kind, dst.shape[dim])
         if src_names is None or dst_names is None:
             if src.shape[dim] != dst.shape[dim]:
-                raise _mismatch(where, key, src, dst, f" and the {kind} of one of the runs are not known by name")
+                raise _mismatch(where, key, src, dst, f"; its {kind} are not known by name (keep the checkpoint inside its run directory)")
             if kind != "features" or (src_names is None) != (dst_names is None):  # embeddings: positional
                 report.by_position.add(kind)
             report.rows.setdefault(kind, (dst.shape[dim], dst.shape[dim]))
@@ -222,11 +233,11 @@ def _map_tensor(key: str, src: torch.Tensor, dst: torch.Tensor, axes: Mapping[in
     return out
 
 
-def _check_same_backbone(own: Mapping[str, Any], source: Mapping[str, Any], where: str) -> None:
+def _check_same_backbone(own: Mapping[str, Any], source: Mapping[str, Any], match, where: str) -> None:
     """Another backbone shares no key with this one: one line, not a silently fresh model."""
     ours = [k for k in own if k.startswith("transformer_backbone.") and "lora_" not in k]
     theirs = [k for k in source if k.startswith("transformer_backbone.")]
-    if ours and theirs and not any(_source_key(k, source) for k in ours):
+    if ours and theirs and not any(match(k) for k in ours):
         raise StateError(
             f"model.kwargs.init_from={where}: its backbone is not this model's ({theirs[0]} there, "
             f"{ours[0]} here)",
@@ -246,13 +257,14 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, target: Vocabulary)
         log.warning("init_from %s: no run directory beside checkpoints/ (pert_onehot_map.pt): perturbation and "
                     "batch rows can only be copied by position", path)
     own = model.state_dict()
-    _check_same_backbone(own, source_state, str(path))
+    match = _key_matcher(source_state)
+    _check_same_backbone(own, source_state, match, str(path))
     axes = vocabulary_axes(model)
     report = InitReport(checkpoint=path)
     loaded: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for key, fresh in own.items():
-        src_key = _source_key(key, source_state)
+        src_key = match(key)
         if src_key is None:
             report.new.append(key)
             continue
