@@ -396,3 +396,54 @@ def test_emb_fit_in_a_slurm_batch_job_requeues_after_last_ckpt(emb_setup, tmp_pa
     assert cli_run(args) == 0
     assert calls.read_text().splitlines() == ["requeue 777 present"]
     assert safe_torch_load(folder / "last.ckpt")["global_step"] == 12
+
+
+# ------------------------------------------------------------------ a signal to every process, loader workers too
+
+
+class SignalEveryoneAt(pl.Callback):
+    """After optimizer step ``step``: ``signum`` to this process's DataLoader workers, then to this process, as
+    SLURM's signal to the whole job step reaches them (in-process, so pytest itself is not signalled)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum, self.workers = step, signum, 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        import multiprocessing
+
+        if trainer.global_step == self.step:
+            workers = [p for p in multiprocessing.active_children() if p.is_alive()]
+            self.workers = len(workers)
+            for proc in workers:
+                os.kill(proc.pid, self.signum)
+            time.sleep(0.5)  # the workers have received it before the training process decides
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_tx_train_on_cell_load_with_workers_stops_cleanly_when_the_workers_get_the_signal_too(
+        synth, tmp_path, monkeypatch, capsys, signum):
+    """cell-load's loader, 2 workers: the workers ignore the signal, the run writes last.ckpt and exits 128+N
+    (without the workers' handling: "DataLoader worker ... exited unexpectedly", exit 1)."""
+    args = [a for a in train_args(synth, tmp_path, "workers", steps=8) if not a.startswith("data.kwargs.num_workers")]
+    everyone = SignalEveryoneAt(3, signum)
+    own = tx_run._callbacks
+    monkeypatch.setattr(tx_run, "_callbacks", lambda *a: [*own(*a), everyone])
+    code = cli_run(["tx", "train", *args, "data.kwargs.num_workers=2", "data.kwargs.fast_loader=false"])
+    err = capsys.readouterr().err
+    assert everyone.workers >= 2  # the training loader's workers (and validation's) got the signal
+    assert code == 128 + signum, err[-3000:]
+    assert safe_torch_load(tmp_path / "workers" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_emb_fit_with_workers_stops_cleanly_when_the_workers_get_the_signal_too(emb_setup, tmp_path):
+    from state.emb.config import compose_emb_config
+    from state.emb.fit import fit
+    from state.training.preemption import RunPreempted
+
+    everyone = SignalEveryoneAt(2)
+    overrides = [*_emb_overrides(tmp_path), "dataset.num_train_workers=2"]
+    with pytest.raises(RunPreempted) as stopped:
+        fit(compose_emb_config(str(emb_setup[1]), overrides), extra_callbacks=[everyone])
+    assert everyone.workers >= 2 and stopped.value.exit_code == 143 and stopped.value.step == 2
+    assert safe_torch_load(tmp_path / "toy" / "last.ckpt")["global_step"] == 2

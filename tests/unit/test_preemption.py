@@ -52,3 +52,42 @@ def test_exit_status_follows_the_signal_unless_configured(monkeypatch):
     assert (preempt_exit_code(15), preempt_exit_code(10)) == (143, 138)
     monkeypatch.setenv("STATE_PREEMPT_EXIT_CODE", "3")
     assert preempt_exit_code(10) == 3
+
+
+def test_ranks_agree_on_a_signal_only_every_n_steps(monkeypatch, tmp_path):
+    """Several ranks: the signal is acted on at the next multiple of STATE_PREEMPT_CHECK_EVERY (the same step on
+    every rank), not at the next batch; one process acts at the next step."""
+    import signal
+    from types import SimpleNamespace
+
+    from state.training import preemption
+
+    monkeypatch.setenv("STATE_PREEMPT_CHECK_EVERY", "4")
+    exchanges = []
+    monkeypatch.setattr(preemption, "_any_rank", lambda flag, group: exchanges.append(flag) or flag)
+    for world, expected_stop in ((2, 8), (1, 5)):
+        exchanges.clear()
+        callback = preemption.PreemptionCheckpoint(tmp_path / "last.ckpt")
+        trainer = SimpleNamespace(world_size=world, accumulate_grad_batches=1, global_step=0, should_stop=False,
+                                  is_global_zero=True, saved=[],
+                                  fit_loop=SimpleNamespace(_data_fetcher=None, epoch_loop=SimpleNamespace()))
+        trainer.save_checkpoint = lambda path, weights_only, t=trainer: t.saved.append(t.global_step)
+        for step in range(1, 12):
+            trainer.global_step = step
+            if step == 5:
+                callback.signum = int(signal.SIGTERM)
+            callback.on_train_batch_end(trainer)
+            if trainer.should_stop:
+                break
+        assert trainer.saved == [expected_stop] and callback.stopped_at == expected_stop
+        assert exchanges == ([False, True, False] if world == 2 else [])  # steps 4 and 8, then the requeue question
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten"])
+def test_check_interval_must_be_a_positive_number(monkeypatch, value):
+    from state.training.preemption import check_every
+    from state.utils.errors import StateError
+
+    monkeypatch.setenv("STATE_PREEMPT_CHECK_EVERY", value)
+    with pytest.raises(StateError, match="STATE_PREEMPT_CHECK_EVERY"):
+        check_every()

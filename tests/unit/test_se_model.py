@@ -135,3 +135,17 @@ def test_every_loss_name_builds_and_runs(name):
 def test_read_depth_is_mean_of_nonzero_and_zero_for_empty_cells():
     y = torch.tensor([[0.0, 2.0, 4.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(read_depth(y), torch.tensor([3.0, 0.0]))
+
+
+def test_nanmean_skips_non_finite_terms_without_a_host_sync():
+    """The SE loss's mean over finite terms (no `if tensor.any()` / boolean indexing on the device)."""
+    import torch
+
+    from state.emb.nn.losses import _nanmean
+
+    values = torch.tensor([1.0, float("nan"), 3.0, float("inf")], requires_grad=True)
+    mean = _nanmean(values)
+    mean.backward()
+    assert float(mean) == 2.0 and values.grad.tolist() == [0.5, 0.0, 0.5, 0.0]
+    empty = torch.tensor([float("nan")] * 2, requires_grad=True)
+    assert float(_nanmean(empty)) == 0.0 and _nanmean(empty).requires_grad

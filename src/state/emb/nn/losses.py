@@ -29,11 +29,14 @@ def read_depth(targets: torch.Tensor) -> torch.Tensor:
 
 
 def _nanmean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over finite terms; 0 (still differentiable) when there are none."""
+    """Mean over finite terms; 0 (still differentiable) when there are none.
+
+    Computed without asking the device anything (no ``if finite.any()``, no boolean indexing, both
+    of which make the host wait for the GPU on every training step).
+    """
     finite = torch.isfinite(values)
-    if not finite.any():
-        return values.sum() * 0.0
-    return values[finite].mean()
+    total = torch.where(finite, values, torch.zeros_like(values)).sum()
+    return total / finite.sum().clamp(min=1)
 
 
 class TabularLoss(nn.Module):
