@@ -62,7 +62,7 @@ class LayoutSetDataset(Dataset):
         self._slots: WorkerSlots | None = None  # this worker's reusable batch buffers
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_plan": None, "_slots": None}
+        return {**self.__dict__, "_plan": None, "_slots": None, "_pending": {}}
 
     def _worker_slot(self) -> int:
         """A reusable slot for the next batch (in a worker process of a loader that has a board), else -1."""
@@ -191,6 +191,7 @@ class LayoutSetDataset(Dataset):
             batch_dict["ctrl_cell_counts"] = self._read(s.ctrl_counts_key, ctrl_rows, cell_file, None, slot,
                                                         "ctrl_cell_counts")
         batch_dict.update(self._pending)
+        self._pending = {}
         if slot >= 0:  # buffers the trainer already has go as handles
             for role in SLOT_ROLES:
                 if torch.is_tensor(batch_dict.get(role)):
