@@ -412,10 +412,14 @@ class SignalEveryoneAt(pl.Callback):
         import multiprocessing
 
         if trainer.global_step == self.step:
+            import subprocess
+
             workers = [p for p in multiprocessing.active_children() if p.is_alive()]
             self.workers = len(workers)
-            for proc in workers:
-                os.kill(proc.pid, self.signum)
+            # Sent by another process, as slurmstepd sends it (PyTorch's workers treat their parent's SIGTERM
+            # as a request to leave quietly).
+            subprocess.run(["kill", "-s", signal.Signals(self.signum).name[3:], *(str(p.pid) for p in workers)],
+                           check=True)
             time.sleep(0.5)  # the workers have received it before the training process decides
             os.kill(os.getpid(), self.signum)
 
@@ -436,14 +440,15 @@ def test_tx_train_on_cell_load_with_workers_stops_cleanly_when_the_workers_get_t
     assert safe_torch_load(tmp_path / "workers" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
-def test_emb_fit_with_workers_stops_cleanly_when_the_workers_get_the_signal_too(emb_setup, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_emb_fit_with_workers_stops_cleanly_when_the_workers_get_the_signal_too(emb_setup, tmp_path, signum):
     from state.emb.config import compose_emb_config
     from state.emb.fit import fit
     from state.training.preemption import RunPreempted
 
-    everyone = SignalEveryoneAt(2)
+    everyone = SignalEveryoneAt(2, signum)
     overrides = [*_emb_overrides(tmp_path), "dataset.num_train_workers=2"]
     with pytest.raises(RunPreempted) as stopped:
         fit(compose_emb_config(str(emb_setup[1]), overrides), extra_callbacks=[everyone])
-    assert everyone.workers >= 2 and stopped.value.exit_code == 143 and stopped.value.step == 2
+    assert everyone.workers >= 2 and stopped.value.exit_code == 128 + signum and stopped.value.step == 2
     assert safe_torch_load(tmp_path / "toy" / "last.ckpt")["global_step"] == 2

@@ -11,8 +11,8 @@ they must anyway: rank 0 writes the checkpoints every rank resumes from).
 The file is ``<output_dir>/.state-launch/<key>.json``; the key hashes the run's name and the launch's
 identity, which every rank of one launch shares and the next launch does not:
 
-- ``STATE_LAUNCH_ID`` when set (rank 0 sets a fresh one when the launcher gives none, e.g. when
-  Lightning starts a node's other ranks itself: they inherit it);
+- ``STATE_LAUNCH_ID`` when set (rank 0 sets a fresh one when the launcher gives none; every process
+  exports the identity it found there, so that the ranks Lightning starts on a node inherit it);
 - else the launcher's variables: SLURM's job, step and restart count, torchrun's run id and restart
   count, ``MASTER_ADDR`` / ``MASTER_PORT``.
 
@@ -172,6 +172,10 @@ def decision_for(output_dir: str | os.PathLike, name: str, *, rank: int, process
     if max([processes, *launched]) <= 1 and rank == 0:
         return None
     identity = launch_id(create=rank == 0)
+    if identity is not None:
+        # The ranks Lightning starts from this process inherit the identity as it is now; the variables it
+        # was derived from may change before then (Lightning sets MASTER_ADDR / MASTER_PORT when it launches).
+        os.environ["STATE_LAUNCH_ID"] = identity
     if identity is None:
         raise StateError(
             f"rank {rank} cannot tell which launch it belongs to (no STATE_LAUNCH_ID, SLURM_JOB_ID, "
