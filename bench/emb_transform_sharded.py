@@ -98,7 +98,7 @@ def throughput(model: Path, path: Path, n_cells: int, threads: int) -> dict:
     plan = {
         "inline": (_inline_cmd(model, path, out / "inline.npy"), out / "inline.npy", threads),
         "1 process": (base + ["--output", str(out / "one.npy")], out / "one.npy", threads),
-        "--devices 2": (base + ["--output", str(out / "two.npy"), "--devices", "2", "--work-dir",
+        "--devices 2": (base + ["--output", str(out / "two.npy"), "--devices", "2", "--unit-rows", "1024", "--work-dir",
                                 str(out / "two.parts")], out / "two.npy", 1),
     }
     rows = {}

@@ -165,6 +165,12 @@ def test_bad_inputs_fail_in_one_line_before_any_work(data, tmp_path, capsys):
     _fails(capsys, "--input", str(data / "in"), "--lancedb", str(tmp_path / "db10"), "--seed", "5",
            match="stores vectors of width 10, this model gives 42")
     assert not Path(str(tmp_path / "db10") + ".parts").exists()
+    other = _cells(40, 4)
+    other.obs["extra"] = "x"
+    other.write_h5ad(tmp_path / "other.h5ad")
+    _fails(capsys, "--input", str(data / "in" / "a.h5ad"), "--input", str(tmp_path / "other.h5ad"), "--lancedb",
+           str(tmp_path / "db2"), "--seed", "5", match="have different obs columns")
+    assert not (tmp_path / "db2").exists()
 
 
 def test_shard_parsing_and_round_robin_split():

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig
 
+from state.emb.callbacks import GradientEMA, SEFlopsMonitor
 from state.emb.data.datamodule import SEDataModule
 from state.emb.data.profile import dataset_profile, embedding_profile, load_training_profile
 from state.emb.lightning_module import StateEmbeddingModel, warmup_steps_for
@@ -89,7 +90,12 @@ def fit(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = ()) -> FitResu
     if cfg.optimizer.get("reset_lr_on_restart", False):
         callbacks.append(ResetLearningRate(float(cfg.optimizer.max_lr)))
     if cfg.model.get("ema", False):
-        log.warning("model.ema=true is not implemented; training without EMA")
+        callbacks.append(GradientEMA(float(cfg.model.get("ema_decay", 0.999))))
+    if exp.get("cumulative_flops_use_backward") is not None or exp.get("mfu_kwargs"):
+        # cumulative_flops always (arc-state 0.11.1); MFU with +experiment.mfu_kwargs.available_flops=<peak FLOP/s>
+        mfu = exp.get("mfu_kwargs")
+        callbacks.append(SEFlopsMonitor(use_backward=bool(exp.get("cumulative_flops_use_backward", True)),
+                                        mfu_kwargs=dict(mfu) if mfu else None))
     trainer = _trainer(cfg, ckpt_dir, callbacks, train_cells=len(data.train_dataset))
     if global_rank() == 0:
         RunDirLock(ckpt_dir).check_free()  # before removing what a killed save left behind

@@ -107,7 +107,8 @@ class StateEmbeddingModel(L.LightningModule):
         self.net.set_gene_table(torch.stack(list(self.protein_embeds.values())).float())
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: tuple, *, training: bool) -> dict[str, torch.Tensor]:
+    def forward(self, batch: tuple, training: bool = True) -> dict[str, torch.Tensor]:
+        """Losses and statistics of one collated batch (no side effects: FLOPs counting calls it too)."""
         sentence_ids, task_ids, targets, _, filtered, _, _, sentence_counts, dataset_nums = batch
         out = self.net.encode_sentences(sentence_ids, sentence_counts)  # [B, L(+1), o]
         cell = F.normalize(out[:, 0], dim=1)  # [B, o]
@@ -122,6 +123,10 @@ class StateEmbeddingModel(L.LightningModule):
         if ds_token is not None and dataset_nums is not None:
             result["dataset_loss"] = dataset_loss(self.net.dataset_logits(ds_token), dataset_nums)
         result["avg_nonzero_genes"] = (filtered > 0).sum(dim=1).float().mean()
+        return result
+
+    def _shared_step(self, batch: tuple, *, training: bool) -> dict[str, torch.Tensor]:
+        result = self(batch, training)
         # Quirk kept from arc-state: every training *and* validation batch also steps the LR schedule
         # (on top of Lightning's per-optimizer-step call); the schedule length is doubled to match.
         scheduler = self.lr_schedulers() if self._trainer is not None else None

@@ -176,7 +176,7 @@ def make_plan(inputs, *, output, lancedb, model_folder, checkpoint, config, embe
                       protein_embeddings=protein_embeddings)
     loaded = load_se_model(**model_args, device="cpu")
     width = loaded.arch.embedding_width
-    plans, identities = [], {}
+    plans, identities, first_schema = [], {}, None
     for path, out in zip(paths, outputs):
         with open_h5ad(path) as handle:
             var, obs = read_var(handle), read_obs(handle)
@@ -185,7 +185,12 @@ def make_plan(inputs, *, output, lancedb, model_folder, checkpoint, config, embe
             reader = RowReader(handle, n_obs=len(obs), n_vars=len(var), max_csc_nnz=max_csc_nnz)
             mapping = map_genes(var, loaded.gene_to_index, gene_column=gene_column, where=str(path))
         if lancedb is not None:
-            check_table_compatible(Path(lancedb), record_schema(width, obs))
+            schema = record_schema(width, obs)
+            check_table_compatible(Path(lancedb), schema)
+            if plans and schema != first_schema:  # else the merge would append some files and refuse the next
+                raise StateError(f"{path} and {paths[0]} have different obs columns; one LanceDB table cannot "
+                                 "hold both", hint="give them the same obs columns, or use one --lancedb per file set")
+            first_schema = schema if not plans else first_schema
         plans.append(InputPlan(path, path.stem, len(obs), mapping, reader.kind == "csc", out))
         identities[path.stem] = input_identity(path, n_obs=len(obs), n_vars=len(var), genes=mapping.local_to_global)
     _check_targets(outputs[0], lancedb, batch_size)  # creates the output folder: only once the inputs are fine
