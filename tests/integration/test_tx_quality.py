@@ -54,9 +54,11 @@ def _predict_and_infer(run: Path, synth, tmp_path: Path) -> np.ndarray:
 def test_linear_fits_in_one_step_and_predicts_control_plus_its_line(synth, tmp_path):
     run = _train(synth, tmp_path, "linear")
     ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
-    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["ridge"] == 0.1
+    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["ridge"] == "auto"
     lines = ckpt["linear_context_lines"]
     assert set(lines) == {"HepG2", "Jurkat", "K562"} and all(v.shape == (2, 12) for v in lines.values())
+    cv = ckpt["linear_ridge_cv"]  # what the CV chose per context, and every candidate's error
+    assert set(cv) == set(lines) and all(len(c["candidates"]) == len(c["cv_error"]) >= 1 for c in cv.values())
     simulated = _predict_and_infer(run, synth, tmp_path)
     source = ad.read_h5ad(synth["data"])
     is_control = (source.obs["gene"] == "non-targeting").to_numpy()
@@ -71,6 +73,7 @@ def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_pa
     assert hp["lr_schedule"] == "cosine" and hp["set_mean_weight"] == 1.0 and hp["response_features"]
     assert ckpt["state_tx_model"] == "state_plus"
     assert hp["residual_base"] == "linear" and set(ckpt["state_plus_linear_lines"]) == {"HepG2", "Jurkat", "K562"}
+    assert hp["linear_ridge"] == "auto" and set(ckpt["state_plus_linear_ridge_cv"]) == {"HepG2", "Jurkat", "K562"}
     # the perturbation encoder reads the one-hot vector and the response (pert_dim + output_dim)
     first = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder.") and k.endswith("weight"))
     assert ckpt["state_dict"][first].shape[1] == hp["pert_dim"] + hp["output_dim"]
@@ -91,3 +94,14 @@ def test_predict_baselines_scores_perturb_mean_and_linear_beside_the_model(synth
     assert table.loc["pearson_delta"].notna().all()
     assert (eval_dir / "baselines_comparison.png").stat().st_size > 0
     assert list((eval_dir / "baseline_linear").glob("*_agg_results.csv"))
+
+
+@pytest.mark.parametrize("model, key", [("linear", "ridge"), ("state_plus", "linear_ridge")])
+def test_a_bad_ridge_stops_training_with_one_line_and_writes_nothing(synth, tmp_path, capsys, model, key):
+    code = main(["tx", "train", f"data.kwargs.toml_config_path={synth['toml']}", "data.kwargs.embed_key=X_hvg",
+                 "data.kwargs.num_workers=0", "data.kwargs.control_pert=non-targeting", f"model={model}",
+                 "use_wandb=false", f"output_dir={tmp_path}", "name=run", f"model.kwargs.{key}=-1"])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and f"model.kwargs.{key}=-1" in err[0] and "auto" in err[0]
+    assert not (tmp_path / "run").exists()

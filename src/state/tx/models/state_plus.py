@@ -18,8 +18,10 @@ checkpoints are unchanged):
 * ``residual_base``: ``elsewhere`` (the response above) or ``linear`` (the ``linear`` baseline's
   prediction of the response: a per-context intercept and gain applied to it), for both the
   residual and the feature.
-* ``linear_ridge``: the ridge of that linear fit (``model=linear``'s ``ridge``; larger shrinks the
-  per-context lines towards the plain response elsewhere).
+* ``linear_ridge``: the ridge of that linear fit (``model=linear``'s ``ridge``): ``auto`` (default)
+  chooses it per context by leave-one-perturbation-out CV with the plain response elsewhere as a
+  candidate (:mod:`state.tx.models.linear_fit`); a number fixes it (larger shrinks the lines towards
+  the plain response elsewhere). The choice is logged and kept in the checkpoint (``LINES_CV_KEY``).
 * ``set_mean_weight``: an MSE between the predicted and true set means (pseudo-bulk) next to the
   energy distance, closer to the metrics, which compare pseudo-bulk changes.
 * ``lr_schedule``: ``cosine`` (linear warm-up over ``warmup_fraction`` of ``training.max_steps``,
@@ -32,6 +34,7 @@ Inference runs one set at a time through ``predict_step`` (it needs each cell's 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -40,16 +43,17 @@ import torch
 from torch import nn
 
 from state.tx.models.entries import MODEL_NAME_KEY
-from state.tx.models.linear_baseline import fit_context_lines
+from state.tx.models.linear_fit import AUTO, fit_context_lines, format_choices, parse_ridge
 from state.tx.models.mean_response import CHECKPOINT_KEY, MeanResponses
 from state.tx.models.state_transition import StateTransitionPerturbationModel
 from state.tx.nn.mlp import activation_class, build_mlp
 from state.utils.errors import StateError
 
 LINES_KEY = "state_plus_linear_lines"
-LINEAR_RIDGE = 0.1  # model=linear's default
+LINES_CV_KEY = "state_plus_linear_ridge_cv"  # {context: {n_perts, chosen, candidates, cv_error}}
+log = logging.getLogger(__name__)
 RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "linear",
-                   "linear_ridge": LINEAR_RIDGE, "set_mean_weight": 1.0,
+                   "linear_ridge": AUTO, "set_mean_weight": 1.0,
                    "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1}
 
 
@@ -67,13 +71,15 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if recipe["residual_base"] not in ("elsewhere", "linear"):
             raise StateError(f"unknown model.kwargs.residual_base '{recipe['residual_base']}'",
                              hint="use elsewhere (perturb_mean-like) or linear (the linear baseline's response)")
+        recipe["linear_ridge"] = parse_ridge(recipe["linear_ridge"], key="model.kwargs.linear_ridge")
         super().__init__(**kwargs)
         self.add_hparams(recipe)
         self.response_residual = bool(recipe["response_residual"])
         self.response_features = bool(recipe["response_features"])
         self.residual_base = str(recipe["residual_base"])
         self.lines: dict[str, Any] = {}  # residual_base=linear: {context: [2, D] intercept, gain}
-        self.linear_ridge = float(recipe["linear_ridge"])
+        self.linear_ridge = recipe["linear_ridge"]  # a number or "auto"
+        self.ridge_cv: dict[str, Any] = {}
         self.set_mean_weight = float(recipe["set_mean_weight"])
         self.lr_schedule = str(recipe["lr_schedule"])
         self.warmup_fraction = float(recipe["warmup_fraction"])
@@ -116,7 +122,10 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if self.responses is None:  # a resumed run keeps the table of its checkpoint
             self.responses = MeanResponses.from_datamodule(datamodule, str(self.control_pert))
             if self.residual_base == "linear":
-                self.lines = fit_context_lines(self.responses, self.linear_ridge)
+                self.lines, choices = fit_context_lines(self.responses, self.linear_ridge)
+                self.ridge_cv = {ctx: c.to_plain() for ctx, c in choices.items()}
+                log.info("%s", format_choices(
+                    choices, title=f"state_plus: linear base, ridge per context (linear_ridge={self.linear_ridge})"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -125,12 +134,15 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             checkpoint[CHECKPOINT_KEY] = self.responses.to_checkpoint()
         if self.lines:
             checkpoint[LINES_KEY] = dict(self.lines)
+        if self.ridge_cv:
+            checkpoint[LINES_CV_KEY] = dict(self.ridge_cv)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get(CHECKPOINT_KEY) is not None:
             self.responses = MeanResponses.from_checkpoint(checkpoint[CHECKPOINT_KEY])
         self.lines = {str(k): v for k, v in (checkpoint.get(LINES_KEY) or {}).items()}
+        self.ridge_cv = dict(checkpoint.get(LINES_CV_KEY) or {})
 
     def _response_rows(self, batch: Mapping[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         """Each cell's response elsewhere, [B, S, D_out]."""
