@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from state.tx.models.linear_fit import AUTO, choices_from_plain, fit_context_lines, format_choices, parse_ridge
+from state.tx.models.linear_fit import (
+    AUTO,
+    choices_from_plain,
+    fit_context_lines,
+    format_choices,
+    parse_ridge,
+)
 from state.tx.models.mean_baselines import _GroupSums, _MeanBaseline
 from state.tx.models.mean_response import CHECKPOINT_KEY, MeanResponses
 
