@@ -75,6 +75,11 @@ class LinearPerturbationModel(_MeanBaseline):
         return {CHECKPOINT_KEY: None if self.responses is None else self.responses.to_checkpoint(),
                 "linear_context_lines": dict(self.lines), CV_KEY: dict(self.ridge_cv)}
 
+    def describe_choices(self) -> str:
+        """The ridge chosen per context and every candidate's CV error (for ``tx predict``)."""
+        return format_choices(choices_from_plain(self.ridge_cv),
+                              title=f"linear: ridge per context (model.kwargs.ridge={self.ridge})")
+
     def predicted_responses(self, contexts: list[str] | None, perts: list[str]) -> np.ndarray:
         """[N, D] predicted pseudo-bulk responses (no control added); control -> 0."""
         assert self.responses is not None
