@@ -78,9 +78,11 @@ def test_linear_fits_in_one_step_and_predicts_control_plus_its_line(synth, tmp_p
 
 
 def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_path):
-    run = _train(synth, tmp_path, "state_plus", *TINY_PLUS[1:], steps=6)
+    run = _train(synth, tmp_path, "state_plus", *TINY_PLUS[1:], steps=5)
     ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
     hp = ckpt["hyper_parameters"]
+    # validations at steps 2 and 4; the last step was never validated, so the gate judged it at the end
+    assert [h["step"] for h in ckpt["state_plus_gate"]["history"]] == [2, 4, 5]
     assert hp["lr_schedule"] == "cosine" and hp["set_mean_weight"] == 1.0 and hp["response_features"]
     assert ckpt["state_tx_model"] == "state_plus"
     assert hp["residual_base"] == "linear" and set(ckpt["state_plus_linear_lines"]) == {"HepG2", "Jurkat", "K562"}

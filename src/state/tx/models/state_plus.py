@@ -262,11 +262,14 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if not self._judge.history or self._judge.history[-1].step != self.global_step:
             self._judge.reset_val()  # the last steps were never validated: judge them now
             if self._judge.uses_val:
+                was_training = self.training
+                self.eval()  # as Lightning's validation runs it: no dropout
                 with torch.no_grad():
                     for batch in self.trainer.datamodule.val_dataloader():
                         batch = self.normalize_batch(self._to_device(batch))
                         self.run(batch, padded=True)
                         self._judge.add(batch, *self._last_split)
+                self.train(was_training)
             self._decide()
         best = self._judge.best
         if self._judge.snapshot is not None and best is not self._judge.history[-1]:
