@@ -19,6 +19,17 @@ are means over test perturbations. Usage::
     python bench/bench_quality.py --seeds 0 --tasks fewshot --models state --steps 2000 --issue-recipe \
         --label state_2000 --jobs 1 --no-write         # the issue's model=state recipe, a reference row
     python bench/bench_quality.py --seeds 0 --tasks fewshot --models state_plus --extra model.kwargs.set_mean_weight=0
+    python bench/bench_quality.py --grid --jobs 2      # the regime grid (issue #20), its own BENCHMARKS.md section
+
+The grid (``--grid``, :mod:`quality_grid`, whose docstring gives the reasons in full) scores perturb_mean,
+linear (CV'd ridge), state and state_plus on six few-shot regimes, each a stand-in for a kind of real screen:
+``a_effects`` this bench's own generator; ``b_gain`` an independent latent-program generator
+(:mod:`state.datasets.synthetic_programs`) whose contexts differ only by one gain, like Replogle's K562 vs
+RPE1 CRISPRi screens sharing core programs at different strength; ``c_specific`` strong context-specific
+programs, like Tahoe-100M's cell-line-specific drug responses; ``d_many`` 36 instead of 12 training
+perturbations in the few-shot context (a real library vs a pilot); ``e_all_genes`` all genes instead of
+an HVG subset (whole transcriptomes, most genes silent); ``f_few_cells`` 10 instead of 30 cells per
+perturbation (genome-wide Perturb-seq and Norman-style combinatorial screens: noisy pseudo-bulk).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OURS, WORK, bench_env, run_cmd, write_section  # noqa: E402
+from quality_grid import REGIMES, make_regime_task, render_grid  # noqa: E402
 from quality_report import CELL_EVAL, VCC_SHORT, render  # noqa: E402
 
 SIZES = ["model.kwargs.cell_set_len=32", "model.kwargs.hidden_dim=64",
@@ -143,12 +155,19 @@ def finished(run_dir: Path, *, eval2: bool) -> bool:
 
 
 def run_one(root: Path, seed: int, task: str, label: str, overrides: list[str], steps: int, *,
-            threads: int, eval2: bool, reuse: bool = False) -> dict:
-    toml, truth = make_task(root, seed, task)
-    run_dir = root / f"seed{seed}" / task / label
+            threads: int, eval2: bool, reuse: bool = False, regime: str | None = None) -> dict:
+    """Train and predict one model on one task (``regime``: a grid regime's few-shot task instead)."""
+    if regime is None:
+        toml, truth = make_task(root, seed, task)
+        run_dir, tag = root / f"seed{seed}" / task / label, f"{task}_{label}_{seed}"
+    else:
+        toml, truth = make_regime_task(root, regime, seed)
+        run_dir, tag = root / regime / f"seed{seed}" / label, f"{regime}_{label}_{seed}"
+    extra = {"regime": regime} if regime else {}
     if reuse and finished(run_dir, eval2=eval2):
         seconds = float((run_dir / SECONDS_FILE).read_text())
-        return {**score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds, "reused": True}
+        return {**extra, **score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds,
+                "reused": True}
     start = time.perf_counter()
     env = bench_env(threads)
     train = [OURS, "tx", "train", f"data.kwargs.toml_config_path={toml}", "data.kwargs.embed_key=X_hvg",
@@ -159,16 +178,17 @@ def run_one(root: Path, seed: int, task: str, label: str, overrides: list[str], 
                       f"training.train_seed={seed}"], overrides)]
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    if run_cmd(train, env=env, log_path=logs / f"{task}_{label}_{seed}_train.log").returncode:
-        raise SystemExit(f"train failed: see {logs}/{task}_{label}_{seed}_train.log")
+    if run_cmd(train, env=env, log_path=logs / f"{tag}_train.log").returncode:
+        raise SystemExit(f"train failed: see {logs}/{tag}_train.log")
     predict = [OURS, "tx", "predict", "--output-dir", str(run_dir), "--checkpoint", "final.ckpt",
                *(["--scorer", "both", "--preset", "vcc2026"] if eval2 else [])]
-    log = logs / f"{task}_{label}_{seed}_predict.log"
+    log = logs / f"{tag}_predict.log"
     if run_cmd(predict, env=env, log_path=log).returncode and run_cmd(predict, env=env, log_path=log).returncode:
         raise SystemExit(f"predict failed: see {log}")
     seconds = time.perf_counter() - start
     (run_dir / SECONDS_FILE).write_text(f"{seconds:.1f}\n")
-    return {**score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds, "reused": False}
+    return {**extra, **score(run_dir, truth, seed=seed, task=task, label=label), "seconds": seconds,
+            "reused": False}
 
 
 def score(run_dir: Path, truth: Path, *, seed: int, task: str, label: str) -> dict:
@@ -235,6 +255,66 @@ def run_all(root: Path, args) -> tuple[list[dict], tuple[float, float]]:
     return rows, (min(loads), max(loads))
 
 
+GRID_MODELS = ("perturb_mean", "linear", "state", "state_plus")
+GRID_STATE_STEPS = 150  # model=state in the grid: fewer steps (it is the slowest row and the reference, not the subject)
+GRID_VAL_FREQ = 100  # state_plus validates (and so its gate judges) three times in 300 steps
+
+
+def grid_plan(args) -> list[tuple[str, int, str, list[str], int]]:
+    """(regime, seed, label, overrides, steps) of every grid run, regime by regime, the slowest first."""
+    runs = []
+    for regime in args.regimes:
+        for seed in args.seeds:
+            block = []
+            for name in GRID_MODELS:
+                overrides = list(MODELS[name])
+                steps = {"state": args.grid_state_steps, "state_plus": args.steps}.get(name, 1)
+                if name == "state_plus":
+                    overrides.append(f"training.val_freq={GRID_VAL_FREQ}")
+                block.append((regime, seed, name, overrides, steps))
+            runs += sorted(block, key=lambda r: -r[4])
+    return runs
+
+
+def run_grid(args) -> None:
+    root = WORK / "quality_grid"
+    eval2 = eval2_available()
+    runs = grid_plan(args)
+    for regime, seed, *_ in runs:  # data written once, before any parallel job reads it
+        make_regime_task(root, regime, seed)
+    threads, loads = max(1, 2 // args.jobs), [os.getloadavg()[0]]
+    start = time.perf_counter()
+
+    def one(run):
+        regime, seed, label, overrides, steps = run
+        row = run_one(root, seed, "fewshot", label, overrides, steps, threads=threads, eval2=eval2,
+                      reuse=args.reuse, regime=regime)
+        loads.append(os.getloadavg()[0])
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = pd.DataFrame(list(pool.map(one, runs)))
+    wall = time.perf_counter() - start
+    with open(root / "results.jsonl", "a") as sink:
+        for row in rows.to_dict("records"):
+            sink.write(json.dumps(row) + "\n")
+    reused = int(rows["reused"].sum())
+    timing = (f"wall time {wall / 60:.1f} min ({reused} of {len(rows)} runs reused); sum of run times "
+              f"{rows['seconds'].sum() / 60:.1f} min over {args.jobs} jobs; 1-minute load average "
+              f"{min(loads):.1f}-{max(loads):.1f}")
+    print(rows.drop(columns=["task"]).to_string(float_format=lambda v: f"{v:.3f}"))
+    print(timing)
+    command = (f"python bench/bench_quality.py --grid --regimes {' '.join(args.regimes)} --seeds "
+               f"{' '.join(map(str, args.seeds))} --steps {args.steps} --grid-state-steps {args.grid_state_steps}")
+    notes = [f"Sizes: state_plus {args.steps} steps (validation every {GRID_VAL_FREQ}), model=state "
+             f"{args.grid_state_steps} steps, both hidden 64, 2 layers, cell_set_len 32, batch 8, lr 5e-4; "
+             "perturb_mean and linear fit in one pass. Few-shot context: 3 val perturbations, the rest of its 60 "
+             "minus the training ones are the test set.", f"Run: {timing}.", eval2_note(rows)]
+    if not args.no_write:
+        write_section("quality_grid", render_grid(rows, command=command, notes=notes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -253,7 +333,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--rescore", action="store_true",
                         help="no training: score every run directory already under bench/_work/quality")
+    parser.add_argument("--grid", action="store_true", help="the regime grid (quality_grid.py) instead of the tasks")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--grid-state-steps", type=int, default=GRID_STATE_STEPS, help="model=state's steps in the grid")
     args = parser.parse_args()
+    if args.grid:
+        run_grid(args)
+        return
     args.extra = merged(args.extra, ISSUE_RECIPE if args.issue_recipe else [])
     if args.state_steps is None:
         args.state_steps = STATE_STEPS if args.steps == STEPS else args.steps

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from helpers.synthetic import make_processed_dataset, write_toml
 from state.__main__ import main
@@ -27,6 +28,16 @@ def synth(tmp_path_factory):
                                   seed=1)
     toml = write_toml(root / "split.toml", dataset_name="synth", data_path=data, kind="fewshot")
     return {"data": data, "toml": toml}
+
+
+@pytest.fixture(scope="module")
+def synth_wide(tmp_path_factory):
+    """Eight perturbations: enough for the gate to hold some out of the contexts without val ones."""
+    root = tmp_path_factory.mktemp("quality_wide")
+    data = make_processed_dataset(root / "data", n_cells=600, n_genes=40, n_hvgs=12, n_perts=8, n_celltypes=3,
+                                  seed=1)
+    return {"data": data, "toml": write_toml(root / "split.toml", dataset_name="synth", data_path=data,
+                                             kind="fewshot")}
 
 
 def _train(synth, out: Path, model: str, *more: str, steps: int = 4) -> Path:
@@ -54,9 +65,11 @@ def _predict_and_infer(run: Path, synth, tmp_path: Path) -> np.ndarray:
 def test_linear_fits_in_one_step_and_predicts_control_plus_its_line(synth, tmp_path):
     run = _train(synth, tmp_path, "linear")
     ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
-    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["ridge"] == 0.1
+    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["ridge"] == "auto"
     lines = ckpt["linear_context_lines"]
     assert set(lines) == {"HepG2", "Jurkat", "K562"} and all(v.shape == (2, 12) for v in lines.values())
+    cv = ckpt["linear_ridge_cv"]  # what the CV chose per context, and every candidate's error
+    assert set(cv) == set(lines) and all(len(c["candidates"]) == len(c["cv_error"]) >= 1 for c in cv.values())
     simulated = _predict_and_infer(run, synth, tmp_path)
     source = ad.read_h5ad(synth["data"])
     is_control = (source.obs["gene"] == "non-targeting").to_numpy()
@@ -65,12 +78,15 @@ def test_linear_fits_in_one_step_and_predicts_control_plus_its_line(synth, tmp_p
 
 
 def test_state_plus_trains_with_its_recipe_and_predicts_and_infers(synth, tmp_path):
-    run = _train(synth, tmp_path, "state_plus", *TINY_PLUS[1:], steps=6)
+    run = _train(synth, tmp_path, "state_plus", *TINY_PLUS[1:], steps=5)
     ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
     hp = ckpt["hyper_parameters"]
+    # validations at steps 2 and 4; the last step was never validated, so the gate judged it at the end
+    assert [h["step"] for h in ckpt["state_plus_gate"]["history"]] == [2, 4, 5]
     assert hp["lr_schedule"] == "cosine" and hp["set_mean_weight"] == 1.0 and hp["response_features"]
     assert ckpt["state_tx_model"] == "state_plus"
     assert hp["residual_base"] == "linear" and set(ckpt["state_plus_linear_lines"]) == {"HepG2", "Jurkat", "K562"}
+    assert hp["linear_ridge"] == "auto" and set(ckpt["state_plus_linear_ridge_cv"]) == {"HepG2", "Jurkat", "K562"}
     # the perturbation encoder reads the one-hot vector and the response (pert_dim + output_dim)
     first = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder.") and k.endswith("weight"))
     assert ckpt["state_dict"][first].shape[1] == hp["pert_dim"] + hp["output_dim"]
@@ -91,3 +107,42 @@ def test_predict_baselines_scores_perturb_mean_and_linear_beside_the_model(synth
     assert table.loc["pearson_delta"].notna().all()
     assert (eval_dir / "baselines_comparison.png").stat().st_size > 0
     assert list((eval_dir / "baseline_linear").glob("*_agg_results.csv"))
+
+
+@pytest.mark.parametrize("model, key", [("linear", "ridge"), ("state_plus", "linear_ridge")])
+def test_a_bad_ridge_stops_training_with_one_line_and_writes_nothing(synth, tmp_path, capsys, model, key):
+    code = main(["tx", "train", f"data.kwargs.toml_config_path={synth['toml']}", "data.kwargs.embed_key=X_hvg",
+                 "data.kwargs.num_workers=0", "data.kwargs.control_pert=non-targeting", f"model={model}",
+                 "use_wandb=false", f"output_dir={tmp_path}", "name=run", f"model.kwargs.{key}=-1"])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and f"model.kwargs.{key}=-1" in err[0] and "auto" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_state_plus_gate_predicts_the_base_when_the_correction_is_useless(synth_wide, tmp_path, caplog):
+    """A learning rate far too high for 4 steps makes the correction noise: the gate must drop it."""
+    run = _train(synth_wide, tmp_path, "state_plus", *TINY_PLUS[1:], "training.lr=0.05", steps=4)
+    assert "the learned correction never beat its base" in caplog.text
+    ckpt = safe_torch_load(run / "checkpoints" / "final.ckpt")
+    record = ckpt["state_plus_gate"]
+    assert record["blend"] == 0.0 and [h["step"] for h in record["history"]] == [2, 4]
+    assert all(h["n_groups"] >= 2 for h in record["history"])
+
+    from state.tx.models.registry import load_model_checkpoint
+
+    model = load_model_checkpoint(run / "checkpoints" / "final.ckpt")
+    assert model.blend == 0.0 and "blend 0" in model.describe_choices()
+    rng = np.random.default_rng(0)
+    n, hp = 6, ckpt["hyper_parameters"]
+    perts = sorted({p for _, p in model.responses.responses})[:2]
+    batch = {"pert_emb": torch.eye(hp["pert_dim"])[[0] * n], "ctrl_cell_emb": torch.tensor(
+        rng.uniform(1.0, 2.0, size=(n, hp["input_dim"])), dtype=torch.float32),
+             "pert_name": [perts[i % 2] for i in range(n)], "cell_type": ["K562"] * n}
+    with torch.no_grad():
+        gated = model.predict_step(batch, padded=False)["preds"]
+        base = (batch["ctrl_cell_emb"] + model._response_rows(batch, (1, n)).reshape(n, -1)).clamp_min(0.0)
+        model.blend = 1.0
+        full = model.predict_step(batch, padded=False)["preds"]
+    torch.testing.assert_close(gated, base)
+    assert (full - base).abs().max() > 1e-3  # without the gate the useless correction would be predicted

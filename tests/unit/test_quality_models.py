@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from state.tx.models.linear_baseline import fit_context_lines
+from state.tx.models.linear_fit import cross_validate_context, fit_context_lines, parse_ridge
 from state.tx.models.mean_response import MeanResponses
 
 
@@ -33,7 +33,7 @@ def test_elsewhere_leaves_the_own_context_out_and_unknowns_are_zero():
 
 def test_linear_lines_recover_the_few_shot_context_gain():
     table, shared = _table(np.random.default_rng(1))
-    lines = fit_context_lines(table, ridge=1e-6)
+    lines, _ = fit_context_lines(table, ridge=1e-6)
     intercept, slope = lines["ctxC"]
     np.testing.assert_allclose(intercept, 0.3, atol=1e-3)
     np.testing.assert_allclose(slope, 2.0, atol=1e-3)
@@ -44,15 +44,77 @@ def test_linear_lines_recover_the_few_shot_context_gain():
 
 def test_linear_ridge_shrinks_towards_perturb_mean():
     table, _ = _table(np.random.default_rng(2))
-    intercept, slope = fit_context_lines(table, ridge=1e6)["ctxC"]
+    intercept, slope = fit_context_lines(table, ridge=1e6)[0]["ctxC"]
     assert np.abs(intercept).max() < 1e-3 and np.abs(slope - 1.0).max() < 1e-3
 
 
 @pytest.mark.parametrize("ridge", [1e-6, 0.1])
 def test_linear_lines_are_finite_for_a_context_with_one_perturbation(ridge):
     table = MeanResponses({("a", "p"): np.ones(3), ("b", "p"): np.ones(3) * 2, ("b", "q"): np.zeros(3)}, 3)
-    lines = fit_context_lines(table, ridge=ridge)
+    lines, _ = fit_context_lines(table, ridge=ridge)
     assert set(lines) == {"a", "b"} and all(np.isfinite(v).all() for v in lines.values())
+
+
+def _noise_or_line(line: bool, seed: int = 0, n_perts: int = 12, width: int = 300):
+    """x = the response elsewhere; y = a line of it plus noise, or x plus pure noise (no line to find)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_perts, width))
+    noise = 0.5 * rng.normal(size=(n_perts, width))
+    return x, (0.3 + 2.0 * x + noise) if line else (x + noise)
+
+
+def test_cv_picks_perturb_mean_when_the_line_is_pure_noise():
+    choices = [cross_validate_context(*_noise_or_line(line=False, seed=seed)) for seed in range(10)]
+    assert all(len(c.candidates) == len(c.cv_error) > 10 for c in choices)  # every candidate scored, recorded
+    assert all(c.chosen == "perturb_mean" and c.ridge is None for c in choices)
+
+
+def test_cv_picks_a_line_when_the_data_come_from_one():
+    x, y = _noise_or_line(line=True)
+    choice = cross_validate_context(x, y)
+    assert choice.ridge is not None and choice.ridge < 1.0
+    errors = dict(zip(choice.candidates, choice.cv_error))
+    assert errors[choice.chosen] < 0.5 * errors["perturb_mean"]
+
+
+def test_cv_loo_error_matches_refitting_without_each_perturbation():
+    from state.tx.models.linear_fit import loo_errors
+
+    x, y = _noise_or_line(line=True, n_perts=6, width=20)
+    ridge, n = 0.3, 6
+    lam_a, lam_s = ridge * n, ridge * float((x**2).sum(axis=0).mean())  # penalties of the full fit, held fixed
+    brute = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        xk, rk = x[keep], (y - x)[keep]
+        m00, m11, m01 = keep.sum() + lam_a, (xk**2).sum(axis=0) + lam_s, xk.sum(axis=0)
+        det = m00 * m11 - m01**2
+        a = (m11 * rk.sum(axis=0) - m01 * (xk * rk).sum(axis=0)) / det
+        ds = (m00 * (xk * rk).sum(axis=0) - m01 * rk.sum(axis=0)) / det
+        brute.append(np.mean(((y - x)[i] - a - ds * x[i]) ** 2))
+    np.testing.assert_allclose(loo_errors(x, y, ridge), brute, rtol=1e-8)
+
+
+def test_cv_context_with_too_few_perturbations_gets_perturb_mean():
+    table = MeanResponses({("a", "p"): np.ones(3), ("b", "p"): np.ones(3) * 2, ("b", "q"): np.zeros(3)}, 3)
+    lines, choices = fit_context_lines(table)
+    assert choices["a"].chosen == "perturb_mean"
+    np.testing.assert_array_equal(lines["a"], [[0, 0, 0], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("value", [-1, "-0.5", "ten", None, True, float("nan")])
+def test_bad_ridge_is_one_line_naming_the_override_and_the_fix(value):
+    from state.utils.errors import StateError
+
+    with pytest.raises(StateError) as err:
+        parse_ridge(value, key="model.kwargs.linear_ridge")
+    text = str(err.value)
+    assert "\n" not in text and "model.kwargs.linear_ridge=" in text and "auto" in text and "fix:" in text
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("AUTO", "auto"), (0, 0.0), ("10", 10.0), (0.1, 0.1)])
+def test_good_ridges_parse(value, expected):
+    assert parse_ridge(value, key="model.kwargs.ridge") == expected
 
 
 def test_baseline_prediction_is_a_same_context_control_plus_the_response():

@@ -10,70 +10,75 @@ its response in the *other* training contexts, one line per gene and context::
 than ``c`` (:class:`~state.tx.models.mean_response.MeanResponses`). The intercept ``a`` is the
 context's shared shift (the additive part), the slope ``s`` its gain on each gene. Both are fit by
 ridge regression on the context's training perturbations, shrunk towards ``a = 0, s = 1`` (which is
-the ``perturb_mean`` prediction), so a context with few training perturbations, or one never seen,
-falls back to ``perturb_mean``. Prediction per cell: its paired control + the predicted response
+the ``perturb_mean`` prediction). The ridge (``model.kwargs.ridge``) is ``auto`` by default: chosen
+per context by leave-one-perturbation-out cross-validation, with ``perturb_mean`` itself a candidate
+(:mod:`state.tx.models.linear_fit`), so a context whose line would fit noise, or one never seen,
+gets ``perturb_mean``. The choice and the CV error of every candidate go to the run log and the
+checkpoint (``linear_ridge_cv``). Prediction per cell: its paired control + the predicted response
 (zero for control cells). Like the mean baselines it fits in one pass, no gradient steps.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from state.tx.models.linear_fit import (
+    AUTO,
+    choices_from_plain,
+    fit_context_lines,
+    format_choices,
+    parse_ridge,
+)
 from state.tx.models.mean_baselines import _GroupSums, _MeanBaseline
 from state.tx.models.mean_response import CHECKPOINT_KEY, MeanResponses
 
-
-def fit_context_lines(responses: MeanResponses, ridge: float) -> dict[str, np.ndarray]:
-    """{context: [2, D] (intercept, slope)} by per-gene ridge towards (0, 1); see the module docstring."""
-    lines: dict[str, np.ndarray] = {}
-    for ctx in responses.contexts():
-        perts = [p for c, p in responses.responses if c == ctx]
-        x = responses.elsewhere_rows([ctx] * len(perts), perts).astype(np.float64)  # [n, D]
-        y = np.stack([responses.responses[(ctx, p)] for p in perts]).astype(np.float64)  # [n, D]
-        r = y - x  # what perturb_mean gets wrong; fit r = a + (s - 1) x
-        n = len(perts)
-        lam_a = ridge * n
-        lam_s = ridge * max(float((x**2).sum(axis=0).mean()), 1e-8)
-        sxx, sx = (x**2).sum(axis=0) + lam_s, x.sum(axis=0)
-        sr, sxr = r.sum(axis=0), (x * r).sum(axis=0)
-        det = (n + lam_a) * sxx - sx**2
-        a = (sxx * sr - sx * sxr) / det
-        ds = ((n + lam_a) * sxr - sx * sr) / det
-        lines[ctx] = np.stack([a, 1.0 + ds]).astype(np.float32)
-    return lines
+log = logging.getLogger(__name__)
+CV_KEY = "linear_ridge_cv"  # checkpoint: {context: {n_perts, chosen, candidates, cv_error}}
 
 
 class LinearPerturbationModel(_MeanBaseline):
     """Control cell + a per-context linear map of the perturbation's response elsewhere."""
 
-    statistics_keys = (CHECKPOINT_KEY, "linear_context_lines")
+    statistics_keys = (CHECKPOINT_KEY, "linear_context_lines", CV_KEY)
 
-    def __init__(self, *, ridge: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *, ridge: float | str = AUTO, **kwargs: Any) -> None:
+        ridge = parse_ridge(ridge, key="model.kwargs.ridge")  # before anything is built
         super().__init__(**kwargs)
-        self.ridge = float(ridge)
+        self.ridge = ridge
         self.add_hparams({"ridge": self.ridge})
         self.responses: MeanResponses | None = None
         self.lines: dict[str, np.ndarray] = {}
+        self.ridge_cv: dict[str, Any] = {}
 
     def compute_statistics(self, sums: _GroupSums) -> dict[str, Any]:
         responses = MeanResponses.from_group_sums(sums, str(self.control_pert))
-        return {CHECKPOINT_KEY: responses.to_checkpoint(),
-                "linear_context_lines": fit_context_lines(responses, self.ridge)}
+        lines, choices = fit_context_lines(responses, self.ridge)
+        log.info("%s", format_choices(choices, title=f"linear: ridge per context (model.kwargs.ridge={self.ridge})"))
+        return {CHECKPOINT_KEY: responses.to_checkpoint(), "linear_context_lines": lines,
+                CV_KEY: {ctx: c.to_plain() for ctx, c in choices.items()}}
 
     def set_statistics(self, stats: Mapping[str, Any]) -> None:
         if stats.get(CHECKPOINT_KEY) is not None:
             self.responses = MeanResponses.from_checkpoint(stats[CHECKPOINT_KEY])
         if stats.get("linear_context_lines") is not None:
             self.lines = {str(k): np.asarray(v, dtype=np.float32) for k, v in stats["linear_context_lines"].items()}
+        if stats.get(CV_KEY) is not None:
+            self.ridge_cv = {ctx: c.to_plain() for ctx, c in choices_from_plain(stats[CV_KEY]).items()}
         self._fitted = self.responses is not None
 
     def statistics(self) -> dict[str, Any]:
         return {CHECKPOINT_KEY: None if self.responses is None else self.responses.to_checkpoint(),
-                "linear_context_lines": dict(self.lines)}
+                "linear_context_lines": dict(self.lines), CV_KEY: dict(self.ridge_cv)}
+
+    def describe_choices(self) -> str:
+        """The ridge chosen per context and every candidate's CV error (for ``tx predict``)."""
+        return format_choices(choices_from_plain(self.ridge_cv),
+                              title=f"linear: ridge per context (model.kwargs.ridge={self.ridge})")
 
     def predicted_responses(self, contexts: list[str] | None, perts: list[str]) -> np.ndarray:
         """[N, D] predicted pseudo-bulk responses (no control added); control -> 0."""

@@ -18,12 +18,22 @@ checkpoints are unchanged):
 * ``residual_base``: ``elsewhere`` (the response above) or ``linear`` (the ``linear`` baseline's
   prediction of the response: a per-context intercept and gain applied to it), for both the
   residual and the feature.
-* ``linear_ridge``: the ridge of that linear fit (``model=linear``'s ``ridge``; larger shrinks the
-  per-context lines towards the plain response elsewhere).
+* ``linear_ridge``: the ridge of that linear fit (``model=linear``'s ``ridge``): ``auto`` (default)
+  chooses it per context by leave-one-perturbation-out CV with the plain response elsewhere as a
+  candidate (:mod:`state.tx.models.linear_fit`); a number fixes it (larger shrinks the lines towards
+  the plain response elsewhere). The choice is logged and kept in the checkpoint (``LINES_CV_KEY``).
 * ``set_mean_weight``: an MSE between the predicted and true set means (pseudo-bulk) next to the
   energy distance, closer to the metrics, which compare pseudo-bulk changes.
 * ``lr_schedule``: ``cosine`` (linear warm-up over ``warmup_fraction`` of ``training.max_steps``,
   then cosine decay to ``min_lr_fraction`` of ``lr``) or ``constant`` (``model=state``'s).
+* ``gate`` (with ``response_residual``): the correction must earn its keep
+  (:mod:`state.tx.models.correction_gate`). At every validation it is judged against the base on
+  perturbations it never trained on (the TOML's ``val`` perturbations; in contexts without any, a
+  ``gate_holdout_fraction`` share of the training perturbations, left out of the loss), a blend
+  weight ``w`` (0 = base only) is chosen there, and the weights with the best judged error are the
+  ones kept at the end of training (``final.ckpt``). Predictions are ``control + base + w *
+  correction``; ``w = 0`` when the correction never beat the base, which is logged, recorded in
+  the checkpoint (``GATE_KEY``) and reported by ``tx predict``.
 
 The response table is computed from the training loader when training starts and travels in the
 checkpoint (:mod:`state.tx.models.mean_response`), so ``predict`` and ``infer`` need nothing else.
@@ -32,6 +42,7 @@ Inference runs one set at a time through ``predict_step`` (it needs each cell's 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -39,18 +50,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.models import correction_gate as gate
 from state.tx.models.entries import MODEL_NAME_KEY
-from state.tx.models.linear_baseline import fit_context_lines
+from state.tx.models.linear_fit import (
+    AUTO,
+    choices_from_plain,
+    fit_context_lines,
+    format_choices,
+    parse_ridge,
+)
 from state.tx.models.mean_response import CHECKPOINT_KEY, MeanResponses
 from state.tx.models.state_transition import StateTransitionPerturbationModel
 from state.tx.nn.mlp import activation_class, build_mlp
 from state.utils.errors import StateError
 
 LINES_KEY = "state_plus_linear_lines"
-LINEAR_RIDGE = 0.1  # model=linear's default
+LINES_CV_KEY = "state_plus_linear_ridge_cv"  # {context: {n_perts, chosen, candidates, cv_error}}
+GATE_KEY = "state_plus_gate"  # {blend, source, chosen: decision, history: [decisions]}; absent: blend 1
+MAX_HELD_OUT_GROUPS = 64  # one cached set each, kept on the host: bounds the memory the judge needs
+log = logging.getLogger(__name__)
 RECIPE_DEFAULTS = {"response_residual": True, "response_features": True, "residual_base": "linear",
-                   "linear_ridge": LINEAR_RIDGE, "set_mean_weight": 1.0,
-                   "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1}
+                   "linear_ridge": AUTO, "set_mean_weight": 1.0,
+                   "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_fraction": 0.1,
+                   "gate": True, "gate_holdout_fraction": 0.1}
 
 
 class StatePlusPerturbationModel(StateTransitionPerturbationModel):
@@ -67,17 +89,28 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if recipe["residual_base"] not in ("elsewhere", "linear"):
             raise StateError(f"unknown model.kwargs.residual_base '{recipe['residual_base']}'",
                              hint="use elsewhere (perturb_mean-like) or linear (the linear baseline's response)")
+        recipe["linear_ridge"] = parse_ridge(recipe["linear_ridge"], key="model.kwargs.linear_ridge")
         super().__init__(**kwargs)
         self.add_hparams(recipe)
         self.response_residual = bool(recipe["response_residual"])
         self.response_features = bool(recipe["response_features"])
         self.residual_base = str(recipe["residual_base"])
         self.lines: dict[str, Any] = {}  # residual_base=linear: {context: [2, D] intercept, gain}
-        self.linear_ridge = float(recipe["linear_ridge"])
+        self.linear_ridge = recipe["linear_ridge"]  # a number or "auto"
+        self.ridge_cv: dict[str, Any] = {}
         self.set_mean_weight = float(recipe["set_mean_weight"])
         self.lr_schedule = str(recipe["lr_schedule"])
         self.warmup_fraction = float(recipe["warmup_fraction"])
         self.min_lr_fraction = float(recipe["min_lr_fraction"])
+        self.gate = bool(recipe["gate"]) and self.response_residual
+        self.gate_holdout_fraction = float(recipe["gate_holdout_fraction"])
+        if not 0.0 <= self.gate_holdout_fraction < 1.0:
+            raise StateError(f"model.kwargs.gate_holdout_fraction={recipe['gate_holdout_fraction']!r} is not a share",
+                             hint="use a number in [0, 1), e.g. model.kwargs.gate_holdout_fraction=0.1")
+        self.blend = 1.0  # weight of the correction at inference; set by the gate
+        self.gate_record: dict[str, Any] | None = None
+        self._judge = gate.Judge(control=str(self.control_pert), max_groups=MAX_HELD_OUT_GROUPS)
+        self._last_split: tuple[torch.Tensor, torch.Tensor] | None = None
         self.responses: MeanResponses | None = None
         self._last_preds: torch.Tensor | None = None
         self._set_mean_term: torch.Tensor | None = None
@@ -116,7 +149,12 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         if self.responses is None:  # a resumed run keeps the table of its checkpoint
             self.responses = MeanResponses.from_datamodule(datamodule, str(self.control_pert))
             if self.residual_base == "linear":
-                self.lines = fit_context_lines(self.responses, self.linear_ridge)
+                self.lines, choices = fit_context_lines(self.responses, self.linear_ridge)
+                self.ridge_cv = {ctx: c.to_plain() for ctx, c in choices.items()}
+                log.info("%s", format_choices(
+                    choices, title=f"state_plus: linear base, ridge per context (linear_ridge={self.linear_ridge})"))
+        if self.gate:
+            self._judge.start(self, datamodule, self.cell_set_len)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -125,12 +163,29 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             checkpoint[CHECKPOINT_KEY] = self.responses.to_checkpoint()
         if self.lines:
             checkpoint[LINES_KEY] = dict(self.lines)
+        if self.ridge_cv:
+            checkpoint[LINES_CV_KEY] = dict(self.ridge_cv)
+        if self.gate_record is not None:
+            checkpoint[GATE_KEY] = dict(self.gate_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get(CHECKPOINT_KEY) is not None:
             self.responses = MeanResponses.from_checkpoint(checkpoint[CHECKPOINT_KEY])
         self.lines = {str(k): v for k, v in (checkpoint.get(LINES_KEY) or {}).items()}
+        self.ridge_cv = dict(checkpoint.get(LINES_CV_KEY) or {})
+        self.gate_record = checkpoint.get(GATE_KEY)
+        self.blend = float(self.gate_record["blend"]) if self.gate_record else 1.0
+
+    def describe_choices(self) -> str:
+        """What the data chose for this model: the linear base's ridges and the gate (for ``tx predict``)."""
+        parts = []
+        if self.ridge_cv:
+            choices = choices_from_plain(self.ridge_cv)
+            parts.append(format_choices(choices, title="state_plus: linear base, ridge per context"))
+        if self.response_residual:
+            parts.append(gate.describe(self.gate_record))
+        return "\n".join(parts)
 
     def _response_rows(self, batch: Mapping[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         """Each cell's response elsewhere, [B, S, D_out]."""
@@ -157,7 +212,10 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             pert = torch.cat([pert, response], dim=-1)  # [B, S, P + D_out]
         out = self.net(pert, basal, batch_index)
         if self.response_residual:
-            preds = out.preds + response + (basal if self._on_basal else 0.0)
+            base = response + (basal if self._on_basal else 0.0)
+            self._last_split = (out.preds, base)  # (correction, base): what the gate judges
+            weight = 1.0 if self.training else self.blend  # the correction trains at full weight
+            preds = base + weight * out.preds
             out.preds = preds.clamp_min(0.0) if self._non_negative else preds
         self._last_preds = out.preds
         return out
@@ -172,13 +230,76 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         self._set_mean_term = losses.get("set_mean")
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int, padded: bool = True) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int, padded: bool = True) -> torch.Tensor | None:
+        if padded and self._judge.held_out:
+            batch = self._judge.keep_for_training(batch, self.cell_set_len)
+            if batch is None:  # every set of this batch is held out for the gate: no step
+                return None
         total = super().training_step(batch, batch_idx, padded=padded)
         term = self._set_mean_term  # set by _losses, which the parent's training_step just ran
         if term is not None:
             self.log("train/set_mean_loss", term, batch_size=int(self._last_preds.shape[0]))
             total = total + self.set_mean_weight * term
         return total
+
+    # ------------------------------------------------------------------ the gate
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        if self.gate and self._judge.uses_val and not self.trainer.sanity_checking:
+            self._judge.add(batch, *self._last_split)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._judge.reset_val()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.gate and not self.trainer.sanity_checking:
+            self._decide()
+
+    def on_fit_end(self) -> None:
+        if not self.gate:
+            return
+        if not self._judge.history or self._judge.history[-1].step != self.global_step:
+            self._judge.reset_val()  # the last steps were never validated: judge them now
+            if self._judge.uses_val:
+                was_training = self.training
+                self.eval()  # as Lightning's validation runs it: no dropout
+                with torch.no_grad():
+                    for batch in self.trainer.datamodule.val_dataloader():
+                        batch = self.normalize_batch(self._to_device(batch))
+                        self.run(batch, padded=True)
+                        self._judge.add(batch, *self._last_split)
+                self.train(was_training)
+            self._decide()
+        best = self._judge.best
+        if self._judge.snapshot is not None and best is not self._judge.history[-1]:
+            self.load_state_dict(self._judge.snapshot)
+        self.blend = best.blend
+        self.gate_record = self._judge.record(best)
+        log.info("%s", gate.describe(self.gate_record))
+
+    def _decide(self) -> None:
+        """Judge the current weights on the held-out groups; remember them when they are the best yet."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for batch in self._judge.held_out_sets.values():
+                batch = self._to_device(batch)
+                self.run(batch, padded=False)
+                self._judge.add(batch, *self._last_split)
+        self.train(was_training)
+        decision = self._judge.decide(self.global_step)
+        if decision is self._judge.best:
+            self._judge.snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+        self.blend = decision.blend
+        self.gate_record = self._judge.record(decision)
+        log.info("state_plus gate at step %d: blend %.3f, held-out error %.4g (base alone %.4g) on %d groups",
+                 decision.step, decision.blend, decision.cv_error, decision.base_error, decision.n_groups)
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        from state.utils.device import batch_to_device
+
+        return batch_to_device(dict(batch), self.device)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

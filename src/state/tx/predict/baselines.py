@@ -1,6 +1,7 @@
 """``predict --baselines``: does the model beat the free baselines on this run's own split?
 
-Fits ``perturb_mean`` and ``linear`` (:mod:`state.tx.models.linear_baseline`) on the run's training
+Fits ``perturb_mean`` and ``linear`` (:mod:`state.tx.models.linear_baseline`, its ridge chosen per
+context by cross-validation exactly as ``model=linear`` does by default) on the run's training
 split (one pass over its training loader, no gradient steps), predicts every test cell as a control
 cell of the same context (drawn from the observed test controls, per perturbation without
 replacement, seeded by the run's ``training.train_seed``) plus the baseline's
@@ -22,21 +23,28 @@ import numpy as np
 import pandas as pd
 
 from state.io.atomic import atomic_write_text
-from state.tx.models.linear_baseline import fit_context_lines
+from state.tx.models.linear_fit import fit_context_lines, format_choices
 from state.tx.models.mean_response import MeanResponses
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("perturb_mean", "linear")
 FIGURE_METRICS = ("pearson_delta", "discrimination_score_l1", "pr_auc", "overlap_at_N", "mae", "mse")
-LINEAR_RIDGE = 0.1  # the model config's default
 
 
-def baseline_responses(responses: MeanResponses, contexts: list[str], perts: list[str], kind: str) -> np.ndarray:
+def linear_lines(responses: MeanResponses) -> dict[str, np.ndarray]:
+    """The ``linear`` baseline's lines with model=linear's default (CV'd) ridge; the choice is logged."""
+    lines, choices = fit_context_lines(responses)
+    log.info("%s", format_choices(choices, title="baseline linear: ridge per context (auto)"))
+    return lines
+
+
+def baseline_responses(responses: MeanResponses, contexts: list[str], perts: list[str], kind: str,
+                       lines: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Predicted pseudo-bulk responses [N, D] of one baseline for each (context, perturbation)."""
     x = responses.elsewhere_rows(contexts, perts)
     if kind == "linear":
-        lines = fit_context_lines(responses, LINEAR_RIDGE)
+        lines = linear_lines(responses) if lines is None else lines
         for i, ctx in enumerate(contexts):
             if ctx in lines:
                 x[i] = lines[ctx][0] + lines[ctx][1] * x[i]
@@ -69,12 +77,13 @@ def baseline_adata(adata_real: ad.AnnData, responses: MeanResponses, *, kind: st
     perts = adata_real.obs[pert_col].astype(str).to_numpy()
     contexts = adata_real.obs[cell_type_key].astype(str).to_numpy()
     preds = real.copy()
+    lines = linear_lines(responses) if kind == "linear" else None
     for ctx in np.unique(contexts):
         rows = np.flatnonzero((contexts == ctx) & (perts != control))
         controls = np.flatnonzero((contexts == ctx) & (perts == control))
         if not len(rows) or not len(controls):
             continue
-        shift = baseline_responses(responses, [ctx] * len(rows), list(perts[rows]), kind)
+        shift = baseline_responses(responses, [ctx] * len(rows), list(perts[rows]), kind, lines)
         preds[rows] = real[control_draws(controls, perts[rows], rng)] + shift
     if real.min() >= 0:  # expression (log1p) stays non-negative, as cell-eval requires
         np.clip(preds, 0.0, None, out=preds)

@@ -102,6 +102,9 @@ def _load_model(ckpt: Path, cfg: dict):
     model = load_model_checkpoint(ckpt, model_name=cfg["model"].get("name"))
     model.to(inference_device())
     model.eval()
+    describe = getattr(model, "describe_choices", None)  # what a data-driven model chose (ridges, gate)
+    if describe is not None:
+        log.info("%s", describe())
     return model
 
 
