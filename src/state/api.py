@@ -14,6 +14,7 @@ API                                     command
 :func:`build_vector_store`              ``state emb transform --lancedb``
 :func:`query_vector_store`              ``state emb query``
 :func:`state.heads.fit_head`            (API only) a small MLP on embeddings
+:func:`combination_split`               (API only) GEARS' splits of a combinatorial screen as a TOML
 ======================================  ===========================================
 
 Example on a tiny synthetic data set (raw counts, 120 cells x 40 genes):

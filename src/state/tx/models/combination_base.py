@@ -9,7 +9,7 @@ baseline matches or beats deep models). A part's response in a context is, in th
 2. else its single's mean response in the other training contexts;
 3. else (a part only ever seen inside combinations: GEARS' "no part seen as a single" split) a ridge
    least-squares estimate from the context's training combinations, after the known parts' shares
-   are taken off (:func:`_solve_unseen_parts`).
+   are taken off (:mod:`state.tx.models.combination_parts`).
 
 A training combination's base uses its parts' singles, never the combination itself (case 3 aside),
 so training combinations look like held-out ones, as ``elsewhere`` does for held-out contexts.
