@@ -60,10 +60,13 @@ def test_unseen_combination_is_the_sum_of_its_parts(run, tmp_path):
     shift = np.asarray(offsets[f"{a}+ctrl"]) + np.asarray(offsets[f"{b}+ctrl"])
     assert np.abs(shift).max() > 0.05  # a real shift, so the check below can fail
     simulated = out.obsm["X_hvg"][(out.obs["gene"] == unseen).to_numpy()]
-    basal = simulated - shift  # must be control cells the simulation started from
-    pool = np.asarray(controls.obsm["X_hvg"])
-    distance = np.abs(basal[:, None, :] - pool[None, :, :]).max(axis=2).min(axis=1)
+    # each simulated cell = a control cell the simulation started from + the two parts' shifts
+    # (infer clips expression predictions at 0, as arc-state does)
+    expected = np.clip(np.asarray(controls.obsm["X_hvg"]) + shift, 0.0, None)  # [controls, genes]
+    distance = np.abs(simulated[:, None, :] - expected[None, :, :]).max(axis=2).min(axis=1)
     assert distance.max() < 1e-4
+    one_part = np.clip(np.asarray(controls.obsm["X_hvg"]) + np.asarray(offsets[f"{a}+ctrl"]), 0.0, None)
+    assert np.abs(simulated[:, None, :] - one_part[None, :, :]).max(axis=2).min(axis=1).max() > 1e-2
 
 
 def test_unknown_part_is_refused_by_name(run, tmp_path, capsys):
