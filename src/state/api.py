@@ -14,6 +14,7 @@ API                                     command
 :func:`build_vector_store`              ``state emb transform --lancedb``
 :func:`query_vector_store`              ``state emb query``
 :func:`state.heads.fit_head`            (API only) a small MLP on embeddings
+:func:`combination_split`               (API only) GEARS' splits of a combinatorial screen as a TOML
 ======================================  ===========================================
 
 Example on a tiny synthetic data set (raw counts, 120 cells x 40 genes):
@@ -54,6 +55,7 @@ __all__ = [
     "Head",
     "Run",
     "build_vector_store",
+    "combination_split",
     "embed",
     "fit_head",
     "load_head",
@@ -390,6 +392,25 @@ def query_vector_store(
     if not parts:
         return pd.DataFrame(columns=columns)
     return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------- combinations
+def combination_split(labels: Sequence[str], *, control: str, toml: str | os.PathLike | None = None,
+                      dataset: str = "screen", data_path: str | os.PathLike | None = None,
+                      cell_type: str | None = None, separator: str = "+", seed: int = 0, **shares: float):
+    """GEARS' held-out splits of a combinatorial screen (:mod:`state.tx.combination_splits`): returns a
+    ``CombinationSplit`` (``train``/``val``/``test`` labels and each held-out label's group: seen2,
+    seen1, seen0, unseen_single); with ``toml`` (and ``data_path``, ``cell_type``) also writes it as a
+    cell-load TOML. ``shares``: ``test_single_share``, ``test_combination_share``, ``val_share``."""
+    from state.tx.combination_splits import gears_split, write_split_toml
+
+    split = gears_split(labels, control=control, separator=separator, seed=seed, **shares)
+    if toml is not None:
+        if data_path is None or cell_type is None:
+            raise StateError("combination_split(toml=...) needs data_path and cell_type",
+                             hint="pass data_path='screen.h5ad', cell_type='K562'")
+        write_split_toml(toml, split, dataset=dataset, data_path=data_path, cell_type=cell_type)
+    return split
 
 
 # ---------------------------------------------------------------------------------------------- heads

@@ -43,6 +43,7 @@ DATA_KWARGS = [
     "perturbation_features_file", "store_raw_basal", "int_counts", "barcode", "use_consecutive_loading",
     "val_subsample_fraction",
     "fast_loader", "fast_loader_dir", "fast_loader_windows", "prefetch_bytes",  # ours: the training loader
+    "combination_separator",  # ours: parts of combination labels
 ]  # fmt: skip
 
 # The overrides that produced each arc-state run config (fixture READMEs), with the fixture's paths.
@@ -77,7 +78,7 @@ ARC_0113_MODELS = {"state", "perturb_mean", "context_mean"}
 # keys this implementation adds to arc-state's tree (cell-load ignores unknown data.kwargs)
 ADDED_KEYS = {("training", "precision"), ("training", "optimizer"), ("data", "kwargs", "fast_loader"),
               ("data", "kwargs", "fast_loader_dir"), ("data", "kwargs", "fast_loader_windows"),
-              ("data", "kwargs", "prefetch_bytes")}
+              ("data", "kwargs", "prefetch_bytes"), ("data", "kwargs", "combination_separator")}
 
 
 @pytest.fixture(scope="module")

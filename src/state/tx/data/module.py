@@ -285,9 +285,11 @@ def state_data_module_class(base: type | None = None) -> type:
     return _fast_transfer_class(base)
 
 
-def build_data_module(data_name: str, data_kwargs: Mapping[str, Any], *, batch_size: int, cell_sentence_len: int):
+def build_data_module(data_name: str, data_kwargs: Mapping[str, Any], *, batch_size: int, cell_sentence_len: int,
+                      combinations: Any = None):
     """Instantiate cell-load's data module as arc-state does (``get_datamodule``: every kwarg passed
-    through, plus ``batch_size`` and ``cell_sentence_len``), with a faster batch-to-device hook."""
+    through, plus ``batch_size`` and ``cell_sentence_len``), with a faster batch-to-device hook.
+    ``combinations`` (:class:`state.tx.combinations.Combinations`): encode labels from their parts."""
     from cell_load.utils.modules import DATA_MODULE_DICT
 
     if data_name not in DATA_MODULE_DICT:
@@ -304,6 +306,9 @@ def build_data_module(data_name: str, data_kwargs: Mapping[str, Any], *, batch_s
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise StateError(f"cell-load could not build the data module: {exc}", hint="check data.kwargs") from exc
     dm._state_fast_loader = choice
+    from state.tx.combinations import apply_to_data_module
+
+    apply_to_data_module(dm, combinations)
     return dm
 
 

@@ -36,6 +36,7 @@ class SetPredictor:
     model_embed_key: str | None
     genes: list[str] | None = None  # the model's input gene order, when its input is .X
     checkpoint: Path | None = None  # the file the module was loaded from
+    combinations: Any = None  # state.tx.combinations.Combinations when labels are encoded from their parts
     _batch_lookup: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,10 @@ class SetPredictor:
         return np.array([self._batch_lookup.get(lab, 0) for lab in labels], dtype=np.int64)
 
     def pert_vector(self, name: str) -> np.ndarray:
+        if self.combinations is not None and name not in self.pert_map and self.composable(name):
+            from state.tx.combinations import compose
+
+            return compose(name, self.pert_map, self.combinations)
         vec = self.pert_map.get(name)
         if vec is None:
             vec = self.pert_map.get(str(self.control_pert)) if self.control_pert is not None else None
@@ -73,6 +78,12 @@ class SetPredictor:
             vec = np.zeros(len(next(iter(self.pert_map.values()))), dtype=np.float32)
             vec[0] = 1.0
         return vec
+
+    def composable(self, name: str) -> bool:
+        """A combination never seen in training whose every part the model knows."""
+        from state.tx.combinations import unknown_parts
+
+        return self.combinations is not None and not unknown_parts(name, self.pert_map, self.combinations)
 
     def check_input_width(self, width: int, *, embed_key: str | None) -> None:
         if self.input_dim is not None and width != self.input_dim:
@@ -175,4 +186,15 @@ def load_predictor(model_dir: str | Path, checkpoint: str | Path | None = None) 
         model_embed_key=hp.get("embed_key") or data_kwargs.get("embed_key"),
         genes=[str(g) for g in run.genes] or None,
         checkpoint=ckpt,
+        combinations=_combinations(run.config, hp),
     )
+
+
+def _combinations(config: dict | None, hparams: Any):
+    from state.tx.combinations import settings, settings_from_hparams
+
+    found = settings_from_hparams(dict(hparams))
+    if found is None and config:
+        cfg_model, cfg_data = config.get("model") or {}, config.get("data") or {}
+        found = settings(cfg_model.get("kwargs"), cfg_data.get("kwargs"), control=hparams.get("control_pert"))
+    return found

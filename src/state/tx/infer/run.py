@@ -241,6 +241,10 @@ def check_labels(labels: np.ndarray, groups: np.ndarray, predictor, columns: Inp
     """Refuse inputs that would silently give meaningless predictions (both are user decisions)."""
     control = columns.control
     unknown = sorted(set(pd.unique(labels)) - set(predictor.pert_names) - {control})
+    if getattr(predictor, "combinations", None) is not None:
+        from state.tx.combinations import refuse_unknown_parts
+
+        unknown = refuse_unknown_parts(unknown, predictor, unknown_as_control=unknown_as_control)
     if unknown and not unknown_as_control:
         flag = columns.flag("unknown_as_control") + ("" if columns.cli else "=True")
         raise StateError(

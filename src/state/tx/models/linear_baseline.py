@@ -27,10 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from state.tx.combinations import settings_from_hparams
+from state.tx.models.combination_base import (
+    COMBO_CV_KEY,
+    COMBO_LINES_KEY,
+    apply_combination_lines,
+    fit_lines,
+    wrap,
+)
 from state.tx.models.linear_fit import (
     AUTO,
     choices_from_plain,
-    fit_context_lines,
     format_choices,
     parse_ridge,
 )
@@ -44,7 +51,7 @@ CV_KEY = "linear_ridge_cv"  # checkpoint: {context: {n_perts, chosen, candidates
 class LinearPerturbationModel(_MeanBaseline):
     """Control cell + a per-context linear map of the perturbation's response elsewhere."""
 
-    statistics_keys = (CHECKPOINT_KEY, "linear_context_lines", CV_KEY)
+    statistics_keys = (CHECKPOINT_KEY, "linear_context_lines", CV_KEY, COMBO_LINES_KEY, COMBO_CV_KEY)
 
     def __init__(self, *, ridge: float | str = AUTO, **kwargs: Any) -> None:
         ridge = parse_ridge(ridge, key="model.kwargs.ridge")  # before anything is built
@@ -54,26 +61,36 @@ class LinearPerturbationModel(_MeanBaseline):
         self.responses: MeanResponses | None = None
         self.lines: dict[str, np.ndarray] = {}
         self.ridge_cv: dict[str, Any] = {}
+        self.combinations = settings_from_hparams(self._hparam_record)  # pert_combination=additive
+        self.combo_lines: dict[str, np.ndarray] = {}  # lines of combinations on their additive base
+        self.combo_cv: dict[str, Any] = {}
 
     def compute_statistics(self, sums: _GroupSums) -> dict[str, Any]:
-        responses = MeanResponses.from_group_sums(sums, str(self.control_pert))
-        lines, choices = fit_context_lines(responses, self.ridge)
+        responses = wrap(MeanResponses.from_group_sums(sums, str(self.control_pert)), self.combinations)
+        lines, choices, combo_lines, combo_choices = fit_lines(responses, self.ridge)
         log.info("%s", format_choices(choices, title=f"linear: ridge per context (model.kwargs.ridge={self.ridge})"))
+        if combo_choices:
+            log.info("%s", format_choices(combo_choices, title="linear: combinations on their additive base"))
         return {CHECKPOINT_KEY: responses.to_checkpoint(), "linear_context_lines": lines,
-                CV_KEY: {ctx: c.to_plain() for ctx, c in choices.items()}}
+                CV_KEY: {ctx: c.to_plain() for ctx, c in choices.items()}, COMBO_LINES_KEY: combo_lines,
+                COMBO_CV_KEY: {ctx: c.to_plain() for ctx, c in combo_choices.items()}}
 
     def set_statistics(self, stats: Mapping[str, Any]) -> None:
         if stats.get(CHECKPOINT_KEY) is not None:
-            self.responses = MeanResponses.from_checkpoint(stats[CHECKPOINT_KEY])
+            self.responses = wrap(MeanResponses.from_checkpoint(stats[CHECKPOINT_KEY]), self.combinations)
         if stats.get("linear_context_lines") is not None:
             self.lines = {str(k): np.asarray(v, dtype=np.float32) for k, v in stats["linear_context_lines"].items()}
         if stats.get(CV_KEY) is not None:
             self.ridge_cv = {ctx: c.to_plain() for ctx, c in choices_from_plain(stats[CV_KEY]).items()}
+        if stats.get(COMBO_LINES_KEY) is not None:
+            self.combo_lines = {str(k): np.asarray(v, dtype=np.float32) for k, v in stats[COMBO_LINES_KEY].items()}
+            self.combo_cv = dict(stats.get(COMBO_CV_KEY) or {})
         self._fitted = self.responses is not None
 
     def statistics(self) -> dict[str, Any]:
         return {CHECKPOINT_KEY: None if self.responses is None else self.responses.to_checkpoint(),
-                "linear_context_lines": dict(self.lines), CV_KEY: dict(self.ridge_cv)}
+                "linear_context_lines": dict(self.lines), CV_KEY: dict(self.ridge_cv),
+                COMBO_LINES_KEY: dict(self.combo_lines), COMBO_CV_KEY: dict(self.combo_cv)}
 
     def describe_choices(self) -> str:
         """The ridge chosen per context and every candidate's CV error (for ``tx predict``)."""
@@ -89,6 +106,7 @@ class LinearPerturbationModel(_MeanBaseline):
             line = self.lines.get(str(ctx)) if ctx is not None else None
             if line is not None:
                 out[i] = line[0] + line[1] * x[i]
+        apply_combination_lines(out, contexts, perts, self.responses, self.combo_lines)
         is_control = np.array([p == str(self.control_pert) for p in perts])
         out[is_control] = 0.0
         return out

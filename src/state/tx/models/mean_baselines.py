@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from state.tx.combinations import settings_from_hparams
 from state.tx.models.base import PerturbationModel
+from state.tx.models.combination_parts import offsets_for
 from state.utils.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,8 @@ class PerturbMeanPerturbationModel(_MeanBaseline):
         self.pert_mean_offsets: dict[str, np.ndarray] = {}
         self._offset_index: dict[str, int] = {}
         self.register_buffer("_offset_table", torch.zeros(1, self.output_dim), persistent=False)
+        self.combinations = settings_from_hparams(self._hparam_record)  # None unless pert_combination=additive
+        self._combination_cache: dict[str, Any] = {}
 
     def compute_statistics(self, sums: _GroupSums) -> dict[str, Any]:
         control = str(self.control_pert)
@@ -174,7 +178,13 @@ class PerturbMeanPerturbationModel(_MeanBaseline):
         basal = self._rows(batch, "ctrl_cell_emb")  # [N, D]
         index = torch.tensor([self._offset_index.get(str(p), 0) for p in batch["pert_name"]],
                              device=self._offset_table.device)
-        return basal + self._offset_table[index].to(basal.device)  # [N, D]
+        shift = self._offset_table[index].to(basal.device)
+        if self.combinations is not None:  # an unseen combination: the sum of its parts' offsets
+            extra = offsets_for(batch["pert_name"], self.pert_mean_offsets, self.combinations, self._combination_cache)
+            for i, name in enumerate(batch["pert_name"]):
+                if str(name) in extra:
+                    shift[i] = torch.from_numpy(extra[str(name)]).to(shift)
+        return basal + shift  # [N, D]
 
 
 class ContextMeanPerturbationModel(_MeanBaseline):

@@ -50,12 +50,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from state.tx.combinations import settings_from_hparams
 from state.tx.models import correction_gate as gate
+from state.tx.models.combination_base import COMBO_LINES_KEY, apply_combination_lines, fit_lines, wrap
 from state.tx.models.entries import MODEL_NAME_KEY
 from state.tx.models.linear_fit import (
     AUTO,
     choices_from_plain,
-    fit_context_lines,
     format_choices,
     parse_ridge,
 )
@@ -98,6 +99,8 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
         self.lines: dict[str, Any] = {}  # residual_base=linear: {context: [2, D] intercept, gain}
         self.linear_ridge = recipe["linear_ridge"]  # a number or "auto"
         self.ridge_cv: dict[str, Any] = {}
+        self.combinations = settings_from_hparams(self._hparam_record)  # pert_combination=additive
+        self.combo_lines: dict[str, Any] = {}  # residual_base=linear: lines of combinations on their additive base
         self.set_mean_weight = float(recipe["set_mean_weight"])
         self.lr_schedule = str(recipe["lr_schedule"])
         self.warmup_fraction = float(recipe["warmup_fraction"])
@@ -147,9 +150,10 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             raise StateError("state_plus computes pseudo-bulk responses from a data module; "
                              "fit it with trainer.fit(model, datamodule=...)")
         if self.responses is None:  # a resumed run keeps the table of its checkpoint
-            self.responses = MeanResponses.from_datamodule(datamodule, str(self.control_pert))
+            self.responses = wrap(MeanResponses.from_datamodule(datamodule, str(self.control_pert)),
+                                  self.combinations)
             if self.residual_base == "linear":
-                self.lines, choices = fit_context_lines(self.responses, self.linear_ridge)
+                self.lines, choices, self.combo_lines, _ = fit_lines(self.responses, self.linear_ridge)
                 self.ridge_cv = {ctx: c.to_plain() for ctx, c in choices.items()}
                 log.info("%s", format_choices(
                     choices, title=f"state_plus: linear base, ridge per context (linear_ridge={self.linear_ridge})"))
@@ -165,14 +169,17 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             checkpoint[LINES_KEY] = dict(self.lines)
         if self.ridge_cv:
             checkpoint[LINES_CV_KEY] = dict(self.ridge_cv)
+        if self.combo_lines:
+            checkpoint[COMBO_LINES_KEY] = dict(self.combo_lines)
         if self.gate_record is not None:
             checkpoint[GATE_KEY] = dict(self.gate_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get(CHECKPOINT_KEY) is not None:
-            self.responses = MeanResponses.from_checkpoint(checkpoint[CHECKPOINT_KEY])
+            self.responses = wrap(MeanResponses.from_checkpoint(checkpoint[CHECKPOINT_KEY]), self.combinations)
         self.lines = {str(k): v for k, v in (checkpoint.get(LINES_KEY) or {}).items()}
+        self.combo_lines = {str(k): v for k, v in (checkpoint.get(COMBO_LINES_KEY) or {}).items()}
         self.ridge_cv = dict(checkpoint.get(LINES_CV_KEY) or {})
         self.gate_record = checkpoint.get(GATE_KEY)
         self.blend = float(self.gate_record["blend"]) if self.gate_record else 1.0
@@ -201,6 +208,7 @@ class StatePlusPerturbationModel(StateTransitionPerturbationModel):
             for i, ctx in enumerate(contexts):
                 if ctx in self.lines and rows[i].any():
                     rows[i] = self.lines[ctx][0] + self.lines[ctx][1] * rows[i]
+        apply_combination_lines(rows, contexts, [str(p) for p in names], self.responses, self.combo_lines)
         return torch.from_numpy(rows).to(self.device, self.dtype).reshape(*shape, -1)
 
     # ------------------------------------------------------------------ forward

@@ -61,6 +61,9 @@ def load_datamodule(run_dir: Path, cfg: dict, *, toml: str | None):
     state["num_workers"] = cap_num_workers(state.get("num_workers", 0))
     state.setdefault("barcode", True)
     module = state_data_module_class()(**state)
+    from state.tx.combinations import apply_to_data_module, settings_from_config
+
+    apply_to_data_module(module, settings_from_config(cfg))
     module.setup()
     return module
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from state.tx import rundir
+from state.tx import combinations, rundir
 from state.tx.config.architecture import TransitionConfig, model_set_length
 from state.tx.config.validate import validate_tx_config
 from state.tx.data import module as tx_data
@@ -305,8 +305,11 @@ def _train(cfg: Any) -> TrainResult:
     plan, handshake = _agreed_plan(plain)
 
     pl.seed_everything(int(training.get("train_seed", 42)), workers=True, verbose=False)
+    combos = combinations.settings(plain["model"].get("kwargs"), data_kwargs)
+    if combos is not None:  # the model needs the separator to split labels at predict/infer time
+        plain["model"].setdefault("kwargs", {})[combinations.SEPARATOR_KEY] = combos.separator
     dm = tx_data.build_data_module(plain["data"].get("name", "PerturbationDataModule"), data_kwargs,
-                                   batch_size=batch_size, cell_sentence_len=set_len)
+                                   batch_size=batch_size, cell_sentence_len=set_len, combinations=combos)
     var_dims = tx_data.setup_data_module(dm)
     check_step_memory(model_name, plain["model"].get("kwargs") or {}, cells=batch_size * set_len,
                       genes=int(var_dims.get("input_dim") or 0))
