@@ -147,7 +147,7 @@ def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> l
         BatchSpeedMonitor(interval=50),
     ]
     if registry.model_entry(model_name).extra_training_logs:
-        from state.tx.train.flops import FlopsMonitor
+        from state.training.flops import FlopsMonitor
 
         callbacks.append(GradientNormLogger())
         if "cumulative_flops_use_backward" in training or training.get("use_mfu"):
