@@ -39,7 +39,7 @@ DEFAULTS = {
     ("tx", "preprocess_infer"): dict(adata="in.h5ad", output="out.h5ad", control_condition="DMSO",
                                      pert_col="drug", seed=42),
     ("emb", "fit"): dict(conf=None, hydra_overrides=[]),
-    ("emb", "transform"): dict(model_folder=None, checkpoint=None, config=None, input="in.h5ad", output=None,
+    ("emb", "transform"): dict(model_folder=None, checkpoint=None, config=None, input=["in.h5ad"], output=None,
                                embed_key="X_state", protein_embeddings=None, lancedb=None, lancedb_update=False,
                                lancedb_batch_size=1000, batch_size=None),
     ("emb", "query"): dict(lancedb="db", input="q.h5ad", output="hits.csv", k=3, embed_key="X_state",

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from state.__main__ import main
-from state.tx.train.flops import count_forward_flops
+from state.training.flops import count_forward_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 

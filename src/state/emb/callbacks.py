@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from state.tx.train.flops import FlopsMonitor
+from state.training.flops import FlopsMonitor
 
 
 class GradientEMA(Callback):

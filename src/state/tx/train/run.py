@@ -160,7 +160,7 @@ def _callbacks(training: Mapping[str, Any], run_dir: Path, model_name: str) -> l
         callbacks.append(ModelCheckpoint(dirpath=run_dir / rundir.CHECKPOINT_DIR, save_top_k=0, save_last=True,
                                          every_n_train_steps=every))
     if registry.model_entry(model_name).extra_training_logs:
-        from state.tx.train.flops import FlopsMonitor
+        from state.training.flops import FlopsMonitor
 
         callbacks.append(GradientNormLogger())
         if "cumulative_flops_use_backward" in training or training.get("use_mfu"):
