@@ -78,11 +78,21 @@ def make_effects_adata(*, n_contexts=3, n_perts=60, n_genes=200, cells_per_group
     ctx_codes, pert_codes = np.concatenate(ctx_codes), np.concatenate(pert_codes)
     order = rng.permutation(len(ctx_codes))
     ctx_codes, pert_codes = ctx_codes[order], pert_codes[order]
+    return counts_screen(rng, ctx_codes=ctx_codes, pert_codes=pert_codes, effects=effects, ctx_fx=ctx_fx,
+                         base=base, names=names, contexts=contexts, genes=genes, counts_per_gene=counts_per_gene,
+                         dispersion=dispersion, batch_sd=0.1, library_sd=0.3)
+
+
+def counts_screen(rng, *, ctx_codes, pert_codes, effects, ctx_fx, base, names, contexts, genes, counts_per_gene,
+                  dispersion, batch_sd, library_sd) -> ad.AnnData:
+    """Negative-binomial counts of cells whose log mean is context + batch + perturbation effect, as an AnnData
+    with the truth in ``uns['true_effects']``; shared by the screen generators (which differ in ``effects``)."""
+    n_contexts, n_genes = len(contexts), len(genes)
     batch_codes = rng.integers(0, 2, size=len(ctx_codes))
-    batch_fx = rng.normal(0.0, 0.1, size=(2, n_genes))
+    batch_fx = rng.normal(0.0, batch_sd, size=(2, n_genes))
     padded = np.concatenate([np.zeros((n_contexts, 1, n_genes)), effects], axis=1)
     log_mu = ctx_fx[ctx_codes] + batch_fx[batch_codes] + padded[ctx_codes, pert_codes]
-    library = np.exp(rng.normal(np.log(counts_per_gene * n_genes), 0.3, size=len(ctx_codes)))
+    library = np.exp(rng.normal(np.log(counts_per_gene * n_genes), library_sd, size=len(ctx_codes)))
     mu = library[:, None] * base[None, :] * np.exp(log_mu)
     counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
     obs = pd.DataFrame({
@@ -93,7 +103,7 @@ def make_effects_adata(*, n_contexts=3, n_perts=60, n_genes=200, cells_per_group
     adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame({"gene_name": genes}, index=genes))
     adata.uns["true_effects"] = {
         "values": effects.reshape(-1, n_genes).astype(np.float32),
-        "contexts": np.repeat(contexts, n_perts).tolist(),
+        "contexts": np.repeat(contexts, len(names)).tolist(),
         "perturbations": names * n_contexts,
     }
     return adata

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
-from state.datasets.synthetic import CONTROL_LABEL, celltype_names, gene_symbols
+from state.datasets.synthetic import celltype_names, gene_symbols
+from state.datasets.synthetic_effects import counts_screen
 
 
 def program_effects(rng, *, n_genes, n_perts, n_contexts, n_programs=8, context_gain_sd=0.5, specific_scale=0.0,
@@ -85,22 +84,6 @@ def make_program_screen(*, n_contexts=3, n_perts=60, n_genes=200, cells_per_pert
                                          np.repeat(np.arange(1, n_perts + 1), cells_per_pert)]), n_contexts)
     order = rng.permutation(len(ctx_codes))
     ctx_codes, pert_codes = ctx_codes[order], pert_codes[order]
-    batch_codes = rng.integers(0, 2, len(ctx_codes))
-    batch_fx = rng.normal(0.0, 0.08, (2, n_genes))
-    padded = np.concatenate([np.zeros((n_contexts, 1, n_genes)), effects], axis=1)
-    log_mu = ctx_fx[ctx_codes] + batch_fx[batch_codes] + padded[ctx_codes, pert_codes]
-    library = np.exp(rng.normal(np.log(counts_per_gene * n_genes), 0.35, len(ctx_codes)))
-    mu = library[:, None] * base[None, :] * np.exp(log_mu)
-    counts = rng.poisson(rng.gamma(dispersion, mu / dispersion)).astype(np.float32)
-    obs = pd.DataFrame({
-        "gene": pd.Categorical.from_codes(pert_codes, [CONTROL_LABEL, *names]),
-        "cell_type": pd.Categorical.from_codes(ctx_codes, contexts),
-        "gem_group": pd.Categorical.from_codes(batch_codes, ["batch1", "batch2"]),
-    }, index=pd.Index([f"cell{i:06d}" for i in range(len(ctx_codes))]))
-    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame({"gene_name": genes}, index=genes))
-    adata.uns["true_effects"] = {
-        "values": effects.reshape(-1, n_genes).astype(np.float32),
-        "contexts": np.repeat(contexts, n_perts).tolist(),
-        "perturbations": names * n_contexts,
-    }
-    return adata
+    return counts_screen(rng, ctx_codes=ctx_codes, pert_codes=pert_codes, effects=effects, ctx_fx=ctx_fx,
+                         base=base, names=names, contexts=contexts, genes=genes, counts_per_gene=counts_per_gene,
+                         dispersion=dispersion, batch_sd=0.08, library_sd=0.35)
