@@ -22,20 +22,25 @@ if str(TESTS_DIR) not in sys.path:
 
 class _ToCaplogWhileDetached(logging.Handler):
     """Hands `state` records to caplog once the CLI has detached that logger from the root (its own stderr
-    handler, no propagation); while it propagates, caplog's root handler sees them already, so never twice."""
+    handler, no propagation); while it propagates, or when pytest attached caplog to it, caplog sees them
+    already, so never twice."""
 
     def __init__(self, target: logging.Handler):
         super().__init__()
         self.target = target
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger("state").propagate:
+        # pytest >= 9.1 attaches caplog to loggers that were non-propagating when the test phase began itself
+        logger = logging.getLogger("state")
+        if not logger.propagate and self.target not in logger.handlers:
             self.target.handle(record)
 
 
 @pytest.fixture(autouse=True)
 def _caplog_sees_state(caplog):
     logger = logging.getLogger("state")
+    for stale in [h for h in logger.handlers if isinstance(h, _ToCaplogWhileDetached)]:
+        logger.removeHandler(stale)  # one forwarder, whatever an earlier test left
     forward = _ToCaplogWhileDetached(caplog.handler)
     logger.addHandler(forward)
     yield
