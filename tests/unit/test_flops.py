@@ -42,7 +42,7 @@ def test_mfu_is_per_gpu_whatever_the_world_size(monkeypatch):
     """Each rank counts its own batch's FLOPs: MFU divides them by one device's peak, not world x peak."""
     from types import SimpleNamespace
 
-    from state.tx.train import flops
+    from state.training import flops
 
     monitor = flops.FlopsMonitor(mfu_kwargs={"available_flops": 1e12, "logging_interval": 1, "window_size": 2})
     monitor.flops_per_batch = int(5e11)
