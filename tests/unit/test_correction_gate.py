@@ -54,3 +54,18 @@ def test_held_out_sets_leave_the_training_batch():
     assert kept["pert_name"] == ["p0", "p0", "p2", "p2"]
     assert kept["pert_cell_emb"].flatten().tolist() == [0.0, 1.0, 4.0, 5.0]
     assert judge.keep_for_training({**batch, "pert_name": ["p1"] * 6}, set_len=2) is None
+
+
+def test_held_out_sets_leave_the_fast_loaders_lazy_names_too():
+    """The fast loader's batches carry names as codes made into strings on access (LazyStrings), not lists:
+    they must lose the held-out sets with the tensors, or names and rows no longer line up."""
+    from state.tx.data.fast_batch import LazyStrings
+
+    judge = Judge(control="ctrl", max_groups=8)
+    judge.held_out = {("A", "p1")}
+    names = LazyStrings(np.array([0, 0, 1, 1, 2, 2]), np.array(["p0", "p1", "p2"], dtype=object))
+    contexts = LazyStrings(np.zeros(6, dtype=np.int64), np.array(["A"], dtype=object))
+    batch = {"pert_name": names, "cell_type": contexts, "pert_cell_emb": torch.arange(6.0)[:, None]}
+    kept = judge.keep_for_training(batch, set_len=2)
+    assert list(kept["pert_name"]) == ["p0", "p0", "p2", "p2"] and len(kept["cell_type"]) == 4
+    assert kept["pert_cell_emb"].flatten().tolist() == [0.0, 1.0, 4.0, 5.0]

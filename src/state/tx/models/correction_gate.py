@@ -22,7 +22,7 @@ base and says so. No constant here decides quality: the blend and the verdict co
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,8 +146,8 @@ def _rows_of(batch: Mapping[str, Any], rows: np.ndarray, n: int, *, to_host: boo
             out[key] = value.detach().to("cpu", copy=True) if to_host else value
         elif isinstance(value, np.ndarray) and value.ndim and value.shape[0] == n:
             out[key] = value[rows]
-        elif isinstance(value, list | tuple) and len(value) == n:
-            out[key] = [value[i] for i in rows]
+        elif isinstance(value, Sequence) and not isinstance(value, str | bytes) and len(value) == n:
+            out[key] = [value[i] for i in rows]  # lists, and the fast loader's lazily made names
         else:
             out[key] = value
     return out
