@@ -147,7 +147,7 @@ def render(table: pd.DataFrame, *, command: str, load: tuple[float, float], wall
     metrics = [m for m in ("truth_corr", "truth_mse", "pearson_delta", "mae") if m in table]
     mean = table.groupby(["group", "model"], sort=False)[["n", *metrics]].mean()
     mean = mean.reindex([(g, m) for g in GROUP_ORDER for m in MODELS if (g, m) in mean.index])
-    lines = [f"Command: `{command}` under `/work/tools/run_bench` (2 runs at a time, 1 CPU thread each; "
+    lines = [f"Command: `{command}`, alone on the machine (2 runs at a time, 1 CPU thread each; "
              f"1-minute load average {load[0]:.1f}-{load[1]:.1f}; wall {wall / 60:.1f} min).",
              "",
              "Data: `state.datasets.synthetic_combinations.make_combination_adata` (one cell line, 100 singles, 130 "

@@ -162,7 +162,7 @@ def run(args, input_file) -> None:
 def write_md(args, results, kill, load) -> None:
     lines = [
         "## Sharded `emb transform`: `--devices 2`, tokenize/model overlap, kill -9 + rerun (issue #24)", "",
-        f"Command: `/work/tools/run_bench python bench/bench_emb_transform.py sharded --cells {args.cells[0]} "
+        f"Command: `python bench/bench_emb_transform.py sharded --cells {args.cells[0]} "
         f"--mid-cells {args.mid_cells} --kill-cells {args.kill_cells} --threads {args.threads} --write-md` (synthetic CSR input, "
         f"{args.genes:,} genes, se_tiny's 200-gene vocabulary; `--seed 0`; wall-clock cells/s, start-up included).",
         "", machine_line(args.threads, load), "",
